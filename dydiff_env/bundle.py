@@ -1,0 +1,281 @@
+"""Model bundles: a directory with `config.json` and one safetensors file per model. No pickle.
+
+config.json holds the format version, package version, task and env id, obs/action dims, dataset id and
+content hash, normalisation statistics, hyper-parameters, training summaries, and the sha256 of every
+weight file. `load_bundle(path)` checks all of it and raises `BundleError` naming the fix on a missing or
+corrupt file, a shape mismatch, a bundle for another env, or a newer format version.
+
+The bundle also stores up to `MAX_START_STATES` dataset observations (every episode start first), so an
+environment can reset from dataset states without the dataset being present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import TrainConfig
+from .data import Normalizer, OfflineData
+from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion
+from .tasks import Task, get_task
+
+FORMAT_VERSION = 1
+MAX_START_STATES = 20_000
+MODEL_FILES = {"diffusion": "diffusion.safetensors", "dynamics": "dynamics.safetensors",
+               "reward": "reward.safetensors", "bc": "bc.safetensors"}
+START_STATES_FILE = "start_states.safetensors"
+
+
+class BundleError(ValueError):
+    pass
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dydiff-env")
+    except Exception:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_weights(path: Path, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous().clone()
+               for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def start_state_sample(data: OfflineData, limit: int = MAX_START_STATES, seed: int = 0) -> dict[str, np.ndarray]:
+    """Dataset observations to reset from: all episode starts (up to the limit), then a uniform sample."""
+    starts = data.episode_starts[:limit]
+    rest = np.setdiff1d(np.arange(len(data)), starts)
+    extra = np.random.default_rng(seed).choice(rest, size=min(limit - len(starts), len(rest)), replace=False)
+    rows = np.concatenate([starts, np.sort(extra)])
+    out = {"observations": data.observations[rows].astype(np.float32),
+           "is_episode_start": np.isin(rows, data.episode_starts)}
+    if data.qpos is not None:
+        out["qpos"], out["qvel"] = data.qpos[rows], data.qvel[rows]
+    return out
+
+
+class BundleWriter:
+    """Writes a bundle incrementally while models finish training (used by `training.train_models`)."""
+
+    def __init__(self, out_dir: Path, data: OfflineData, config: TrainConfig):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        task = get_task(data.env_id or data.dataset_id)
+        cfg_path = self.dir / "config.json"
+        if cfg_path.is_file():
+            self.meta = json.loads(cfg_path.read_text())
+            if self.meta.get("dataset_hash") != data.content_hash:
+                raise BundleError(f"{self.dir} holds models trained on another dataset "
+                                  f"({self.meta.get('dataset_id')}, hash {self.meta.get('dataset_hash')}); "
+                                  "use a new --out directory")
+        else:
+            norm = {}
+            norm.update(Normalizer.fit(data.observations).to_dict("obs"))
+            norm.update(Normalizer.fit(data.actions).to_dict("act"))
+            norm.update(Normalizer.fit(np.concatenate([data.observations, data.actions], 1)).to_dict("transition"))
+            self.meta = {
+                "format_version": FORMAT_VERSION, "package_version": _package_version(), "task": task.name,
+                "env_id": task.env_id, "obs_dim": data.obs_dim, "act_dim": data.act_dim,
+                "dataset_id": data.dataset_id, "dataset_hash": data.content_hash, "dataset_transitions": len(data),
+                "dataset_episodes": int(len(data.episode_starts)),
+                "dataset_mean_return": float(data.episode_returns.mean()),
+                "normalization": {k: np.asarray(v).tolist() for k, v in norm.items()},
+                "train_config": config.to_dict(), "models": {}, "files": {},
+            }
+            starts = start_state_sample(data, seed=config.seed)
+            save_file({k: torch.as_tensor(v) for k, v in starts.items()}, str(self.dir / START_STATES_FILE))
+            self.meta["files"][START_STATES_FILE] = _sha256(self.dir / START_STATES_FILE)
+            _atomic_json(cfg_path, self.meta)
+
+    def has_model(self, kind: str) -> bool:
+        return kind in self.meta["models"] and (self.dir / MODEL_FILES[kind]).is_file()
+
+    def add_model(self, kind: str, model: torch.nn.Module, summary: dict) -> None:
+        path = self.dir / MODEL_FILES[kind]
+        _save_weights(path, model)
+        self.meta["models"][kind] = summary
+        self.meta["files"][MODEL_FILES[kind]] = _sha256(path)
+        _atomic_json(self.dir / "config.json", self.meta)
+
+
+@dataclass
+class Bundle:
+    """Loaded models plus everything needed to use them; `None` for a model the bundle does not have."""
+
+    path: Path
+    meta: dict
+    task: Task
+    config: TrainConfig
+    diffusion: TrajectoryDiffusion | None
+    dynamics: DynamicsEnsemble | None
+    reward: RewardModel | None
+    bc: BCPolicy | None
+    start_states: dict[str, np.ndarray] = field(default_factory=dict)
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def obs_dim(self) -> int:
+        return self.meta["obs_dim"]
+
+    @property
+    def act_dim(self) -> int:
+        return self.meta["act_dim"]
+
+    def normalizer(self, name: str) -> Normalizer:
+        """'obs', 'act' or 'transition' (obs and actions concatenated, used by the diffusion model)."""
+        return Normalizer.from_dict(self.meta["normalization"], name)
+
+    def require(self, *kinds: str) -> None:
+        missing = [k for k in kinds if getattr(self, k) is None]
+        if missing:
+            raise BundleError(f"bundle {self.path} has no {', '.join(missing)} model; train it with "
+                              f"`dydiff-env train {missing[0]} --dataset {self.meta.get('dataset_id')} --out {self.path}`")
+
+    def to(self, device: str | torch.device) -> "Bundle":
+        self.device = torch.device(device)
+        for kind in MODEL_FILES:
+            model = getattr(self, kind)
+            if model is not None:
+                model.to(self.device)
+        return self
+
+
+def _build_model(kind: str, meta: dict, config: TrainConfig) -> torch.nn.Module:
+    obs_dim, act_dim = meta["obs_dim"], meta["act_dim"]
+    if kind == "diffusion":
+        c = config.diffusion
+        return TrajectoryDiffusion(obs_dim, act_dim, c.horizon, c.channels, c.kernel_size, c.sigma_data)
+    if kind == "dynamics":
+        c = config.dynamics
+        return DynamicsEnsemble(obs_dim, act_dim, c.ensemble_size, c.num_elites, c.hidden)
+    if kind == "reward":
+        return RewardModel(obs_dim, act_dim, config.reward.hidden)
+    return BCPolicy(obs_dim, act_dim, config.bc.hidden)
+
+
+def _load_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BundleError(f"bundle file {path} is missing; re-train that model with `dydiff-env train` "
+                          "or copy the complete bundle directory")
+    if expected_sha is not None and _sha256(path) != expected_sha:
+        raise BundleError(f"bundle file {path} is corrupt (sha256 differs from config.json); "
+                          "re-copy the bundle or re-train that model")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BundleError(f"bundle file {path} is not a readable safetensors file ({err}); re-copy or re-train it") from err
+
+
+def load_bundle(path: str | os.PathLike, env_id: str | None = None, device: str | torch.device = "cpu",
+                require: tuple[str, ...] = ()) -> Bundle:
+    """Load and validate a bundle directory. `env_id`, when given, must match the bundle's env."""
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not path.is_dir():
+        raise BundleError(f"no bundle directory at {path}; train one with "
+                          f"`dydiff-env train all --dataset dydiff/hopper/medium-v0 --out {path}`")
+    if not cfg_path.is_file():
+        raise BundleError(f"{path} has no config.json, so it is not a dydiff-env bundle (or its training never "
+                          "wrote one); train one with `dydiff-env train all --dataset ID --out DIR`")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{cfg_path} is corrupt ({err}); re-copy the bundle or re-train it") from err
+    for key in ("format_version", "env_id", "obs_dim", "act_dim", "normalization", "train_config", "models", "files"):
+        if key not in meta:
+            raise BundleError(f"{cfg_path} lacks '{key}'; it is corrupt or not a dydiff-env bundle")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise BundleError(f"bundle {path} has format version {meta['format_version']}, newer than this dydiff-env "
+                          f"reads ({FORMAT_VERSION}); upgrade with `pip install -U dydiff-env`")
+    if env_id is not None and get_task(env_id).env_id != meta["env_id"]:
+        raise BundleError(f"bundle {path} models {meta['env_id']}, not {get_task(env_id).env_id}; "
+                          "pass a bundle trained on a dataset of that env")
+    try:
+        task = get_task(meta["env_id"])
+        config = TrainConfig.from_dict(meta["train_config"])
+    except (ValueError, TypeError) as err:
+        raise BundleError(f"{cfg_path} has an invalid configuration ({err})") from err
+    if (task.obs_dim, task.act_dim) != (meta["obs_dim"], meta["act_dim"]):
+        raise BundleError(f"{cfg_path} says obs/act dims {meta['obs_dim']}/{meta['act_dim']}, but {task.env_id} "
+                          f"has {task.obs_dim}/{task.act_dim}")
+    models = {}
+    for kind, filename in MODEL_FILES.items():
+        if kind not in meta["models"]:
+            models[kind] = None
+            continue
+        tensors = _load_tensors(path / filename, meta["files"].get(filename))
+        model = _build_model(kind, meta, config)
+        expected = model.state_dict()
+        problems = [f"{k}: missing" for k in expected if k not in tensors]
+        problems += [f"{k}: unexpected" for k in tensors if k not in expected]
+        problems += [f"{k}: shape {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                     if k in tensors and tensors[k].shape != v.shape]
+        if problems:
+            raise BundleError(f"bundle file {path / filename} does not match the {kind} model described in "
+                              f"config.json ({'; '.join(problems[:4])}); the bundle is inconsistent, re-train it")
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+        models[kind] = model.eval().requires_grad_(False)
+    start_states = {}
+    if START_STATES_FILE in meta["files"]:
+        start_states = {k: v.numpy() for k, v in _load_tensors(path / START_STATES_FILE, meta["files"][START_STATES_FILE]).items()}
+        if start_states["observations"].shape[1:] != (meta["obs_dim"],):
+            raise BundleError(f"{path / START_STATES_FILE} has observations of shape {start_states['observations'].shape}")
+    bundle = Bundle(path, meta, task, config, start_states=start_states, **models).to(device)
+    bundle.require(*require)
+    return bundle
+
+
+def export_bundle(src: str | os.PathLike, dst: str | os.PathLike, half: bool = True) -> Path:
+    """Copy a bundle without its training checkpoints, optionally storing weights as float16 (half the size;
+    loading converts back to float32). Used to make the bundle shipped inside the package."""
+    src_b = load_bundle(src)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    meta = json.loads(json.dumps(src_b.meta))
+    meta["files"] = {}
+    for kind, filename in MODEL_FILES.items():
+        model = getattr(src_b, kind)
+        if model is not None:
+            _save_weights(dst / filename, model, torch.float16 if half else torch.float32)
+            meta["files"][filename] = _sha256(dst / filename)
+    if src_b.start_states:
+        save_file({k: torch.as_tensor(v) for k, v in src_b.start_states.items()}, str(dst / START_STATES_FILE))
+        meta["files"][START_STATES_FILE] = _sha256(dst / START_STATES_FILE)
+    meta["weights_dtype"] = "float16" if half else "float32"
+    _atomic_json(dst / "config.json", meta)
+    for extra in ("metrics.csv",):
+        if (Path(src) / extra).is_file():
+            (dst / extra).write_bytes((Path(src) / extra).read_bytes())
+    return dst
+

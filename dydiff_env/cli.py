@@ -1,0 +1,229 @@
+"""`dydiff-env` command line: collect datasets, train behaviour policies and bundle models, inspect bundles.
+
+    dydiff-env collect hopper-medium                  # ~200k steps of the shipped medium actor -> Minari
+    dydiff-env train all --dataset dydiff/hopper/medium-v0 --out runs/hopper-medium --preset cpu
+    dydiff-env train all ... --resume                 # continue after an interruption
+    dydiff-env info runs/hopper-medium                # what a bundle holds, with its holdout errors
+    dydiff-env behaviour train --steps 300000 --out runs/sac-hopper
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CollectPreset:
+    task: str
+    dataset_id: str
+    actors: tuple[str, ...]  # shipped actor names, each run for an equal share of the steps
+    num_steps: int
+    description: str
+
+
+COLLECT_PRESETS = {
+    "hopper-medium": CollectPreset(
+        "hopper", "dydiff/hopper/medium-v0", ("medium",), 200_000,
+        "Hopper-v5, stochastic SAC snapshot at about a third of expert return (D4RL 'medium' recipe)."),
+    "hopper-medium-replay": CollectPreset(
+        "hopper", "dydiff/hopper/medium-replay-v0", ("replay-1", "replay-2", "replay-3", "medium"), 200_000,
+        "Hopper-v5, equal shares of SAC snapshots from the start of training up to the medium snapshot "
+        "(a reproducible stand-in for D4RL 'medium-replay', which is the replay buffer itself)."),
+    "hopper-random": CollectPreset(
+        "hopper", "dydiff/hopper/random-v0", ("random",), 100_000, "Hopper-v5, uniform random actions."),
+}
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def cmd_collect(args) -> int:
+    import torch
+
+    from .behaviour import GaussianActor, load_shipped_actor
+    from .data import collect_episodes, load_dataset, write_minari_dataset
+    from .tasks import get_task
+
+    if args.actor:
+        task = get_task(args.env)
+        actors = [("custom", GaussianActor.load(args.actor))]
+        dataset_id = args.dataset_id or f"dydiff/{task.name}/custom-v0"
+        description = f"{task.env_id}, actor {args.actor}"
+        num_steps = args.steps or 200_000
+    else:
+        if args.name not in COLLECT_PRESETS:
+            print(f"error: unknown collection '{args.name}'; choose one of {sorted(COLLECT_PRESETS)} "
+                  "or pass --actor SNAPSHOT --env ENV_ID", file=sys.stderr)
+            return 2
+        p = COLLECT_PRESETS[args.name]
+        task = get_task(p.task)
+        actors = [(name, None if name == "random" else load_shipped_actor(p.task, name)) for name in p.actors]
+        dataset_id, description, num_steps = args.dataset_id or p.dataset_id, p.description, args.steps or p.num_steps
+    generator = torch.Generator().manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    buffers = []
+    share = int(np.ceil(num_steps / len(actors)))
+    for i, (name, actor) in enumerate(actors):
+        if actor is None:
+            def policy(obs):
+                return rng.uniform(-1, 1, size=(obs.shape[0], task.act_dim)).astype(np.float32)
+        else:
+            def policy(obs, actor=actor):
+                return actor.act(obs, deterministic=args.deterministic, generator=generator)
+        part = collect_episodes(task.env_id, policy, share, seed=args.seed * 1_000_003 + i * 100_000)
+        buffers += part
+    for i, buf in enumerate(buffers):
+        buf.id = i
+    write_minari_dataset(dataset_id, task.env_id, buffers, description=description, overwrite=args.overwrite)
+    data = load_dataset(dataset_id)
+    returns = data.episode_returns
+    print(json.dumps({"dataset_id": dataset_id, "transitions": len(data), "episodes": int(len(returns)),
+                      "return_mean": round(float(returns.mean()), 1), "return_std": round(float(returns.std()), 1),
+                      "normalized_score": round(float(task.normalized_score(returns).mean()), 1)}))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import preset
+    from .data import load_dataset
+    from .training import MODEL_KINDS, train_models
+
+    _set_threads(args.threads)
+    config = preset(args.preset)
+    config.seed = args.seed
+    if args.checkpoint_every is not None:
+        config.checkpoint_every_s = args.checkpoint_every
+    if args.diffusion_steps is not None:
+        config.diffusion.train_steps = args.diffusion_steps
+    data = load_dataset(args.dataset)
+    kinds = list(MODEL_KINDS) if args.model == "all" else [args.model]
+    summaries = train_models(kinds, data, args.out, config, device=args.device, resume=args.resume)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "teacher_forced_state_error"}
+                      for k, v in summaries.items()}, indent=1))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .bundle import load_bundle
+
+    b = load_bundle(args.bundle)
+    m = b.meta
+    out = {k: m[k] for k in ("format_version", "package_version", "env_id", "dataset_id", "dataset_hash",
+                             "dataset_transitions", "dataset_mean_return") if k in m}
+    out["models"] = {k: {kk: vv for kk, vv in v.items() if kk != "teacher_forced_state_error"}
+                     for k, v in m["models"].items()}
+    out["start_states"] = int(len(b.start_states.get("observations", [])))
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .bundle import export_bundle
+
+    print(export_bundle(args.src, args.dst, half=not args.float32))
+    return 0
+
+
+def cmd_behaviour_train(args) -> int:
+    from .behaviour import SACTrainConfig, train_sac
+
+    _set_threads(args.threads)
+    train_sac(args.out, SACTrainConfig(env_id=args.env, total_steps=args.steps, snapshot_every=args.snapshot_every,
+                                       seed=args.seed))
+    return 0
+
+
+def cmd_behaviour_eval(args) -> int:
+    from .behaviour import GaussianActor, evaluate_actor
+
+    actor = GaussianActor.load(args.actor)
+    for det in (False, True):
+        mean, std = evaluate_actor(actor, args.env, args.episodes, seed=args.seed, deterministic=det)
+        print(f"{'deterministic' if det else 'stochastic'}: return {mean:.1f} +- {std:.1f} over {args.episodes} episodes")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dydiff-env", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("collect", help="run a behaviour policy in the real simulator and write a Minari dataset")
+    p.add_argument("name", nargs="?", default="hopper-medium", help=f"one of {sorted(COLLECT_PRESETS)}")
+    p.add_argument("--steps", type=int, default=None, help="transitions to collect (whole episodes)")
+    p.add_argument("--dataset-id", default=None)
+    p.add_argument("--actor", default=None, help="a behaviour snapshot (.safetensors) instead of a shipped one")
+    p.add_argument("--env", default="Hopper-v5", help="env of --actor")
+    p.add_argument("--deterministic", action="store_true", help="mean actions instead of sampling (D4RL samples)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("train", help="train bundle models on a Minari dataset")
+    p.add_argument("model", choices=["all", "diffusion", "dynamics", "reward", "bc"])
+    p.add_argument("--dataset", default="dydiff/hopper/medium-v0", help="Minari dataset id")
+    p.add_argument("--out", required=True, help="bundle directory")
+    p.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "paper"])
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--checkpoint-every", type=float, default=None, help="seconds between checkpoints")
+    p.add_argument("--diffusion-steps", type=int, default=None, help="override the preset's diffusion steps")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("info", help="summarise a bundle")
+    p.add_argument("bundle")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("export", help="copy a bundle without checkpoints, fp16 weights by default")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--float32", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("behaviour", help="behaviour policies (SB3 SAC in the real simulator)")
+    bsub = p.add_subparsers(dest="behaviour_command", required=True)
+    b = bsub.add_parser("train", help="train SAC and export actor snapshots with their returns")
+    b.add_argument("--env", default="Hopper-v5")
+    b.add_argument("--steps", type=int, default=300_000)
+    b.add_argument("--snapshot-every", type=int, default=10_000)
+    b.add_argument("--out", required=True)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=1)
+    b.set_defaults(func=cmd_behaviour_train)
+    b = bsub.add_parser("eval", help="return of an actor snapshot in the real simulator")
+    b.add_argument("actor")
+    b.add_argument("--env", default="Hopper-v5")
+    b.add_argument("--episodes", type=int, default=10)
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_behaviour_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .bundle import BundleError
+    from .data import DatasetNotFoundError
+
+    try:
+        return args.func(args)
+    except (BundleError, DatasetNotFoundError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""The learned models of a bundle: trajectory diffusion, single-step dynamics ensemble, reward, behaviour cloning."""
+
+from .bc import BCPolicy
+from .diffusion import TrajectoryDiffusion, TemporalUNet, edm_sample, edm_sigma_steps
+from .dynamics import DynamicsEnsemble
+from .reward import RewardModel
+
+__all__ = ["BCPolicy", "DynamicsEnsemble", "RewardModel", "TemporalUNet", "TrajectoryDiffusion", "edm_sample", "edm_sigma_steps"]

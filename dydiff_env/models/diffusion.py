@@ -1,0 +1,205 @@
+"""Trajectory diffusion: an EDM-preconditioned temporal U-Net over windows of (state, action) rows.
+
+Shapes: a trajectory is x (B, H, D) with D = obs_dim + act_dim, every feature min-max scaled to [-1, 1].
+Conditioning is by inpainting: `cond_mask` (H, D) marks the entries that are given (the first state and
+every action); the model always sees their clean values and only the other entries are noised.
+
+Fixes to the reference implementation, on purpose:
+- the loss is masked: conditioned entries and window padding carry no loss;
+- training writes the clean conditions into the noisy input exactly as the sampler does, so training and
+  sampling see the same inputs;
+- the sampler's churn noise never touches conditioned entries, which are re-imposed after every update
+  and therefore come out bit-exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import SamplerConfig
+
+# --------------------------------------------------------------------------------------------- temporal U-Net
+
+
+class SinusoidalEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device, dtype=t.dtype) / max(half - 1, 1))
+        angles = t[:, None] * freqs[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class ConvBlock(nn.Sequential):
+    """Conv1d -> GroupNorm(8) -> Mish, length preserving."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int):
+        super().__init__(nn.Conv1d(cin, cout, kernel_size, padding=kernel_size // 2), nn.GroupNorm(8, cout), nn.Mish())
+
+
+class ResidualBlock(nn.Module):
+    """Two conv blocks with the noise embedding added in between (Decision-Diffuser's residual block)."""
+
+    def __init__(self, cin: int, cout: int, embed_dim: int, kernel_size: int):
+        super().__init__()
+        self.block1, self.block2 = ConvBlock(cin, cout, kernel_size), ConvBlock(cout, cout, kernel_size)
+        self.embed = nn.Sequential(nn.Mish(), nn.Linear(embed_dim, cout))
+        self.skip = nn.Conv1d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.block1(x) + self.embed(emb)[:, :, None]
+        return self.block2(h) + self.skip(x)
+
+
+class TemporalUNet(nn.Module):
+    """1-D U-Net over the horizon. `channels` gives the width at each resolution; the horizon is halved
+    len(channels) - 1 times, so it must be divisible by 2 ** (len(channels) - 1)."""
+
+    def __init__(self, transition_dim: int, channels: tuple[int, ...] = (64, 128, 256), kernel_size: int = 5):
+        super().__init__()
+        if any(c % 8 for c in channels):
+            raise ValueError(f"U-Net channels must be multiples of 8 (GroupNorm(8)), got {channels}")
+        self.channels = tuple(channels)
+        embed_dim = channels[0]
+        self.noise_embed = nn.Sequential(SinusoidalEmbedding(embed_dim), nn.Linear(embed_dim, 4 * embed_dim), nn.Mish(),
+                                         nn.Linear(4 * embed_dim, embed_dim))
+        widths = [transition_dim, *channels]
+        self.down = nn.ModuleList()
+        for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
+            last = i == len(channels) - 1
+            self.down.append(nn.ModuleList([
+                ResidualBlock(cin, cout, embed_dim, kernel_size), ResidualBlock(cout, cout, embed_dim, kernel_size),
+                nn.Conv1d(cout, cout, 3, stride=2, padding=1) if not last else nn.Identity()]))
+        mid = channels[-1]
+        self.mid1 = ResidualBlock(mid, mid, embed_dim, kernel_size)
+        self.mid2 = ResidualBlock(mid, mid, embed_dim, kernel_size)
+        self.up = nn.ModuleList()
+        for cout, cin in reversed(list(zip(channels[:-1], channels[1:]))):
+            self.up.append(nn.ModuleList([
+                nn.ConvTranspose1d(cin, cin, 4, stride=2, padding=1),
+                ResidualBlock(cin + cout, cout, embed_dim, kernel_size), ResidualBlock(cout, cout, embed_dim, kernel_size)]))
+        self.final = nn.Sequential(ConvBlock(channels[0], channels[0], kernel_size), nn.Conv1d(channels[0], transition_dim, 1))
+
+    def forward(self, x: torch.Tensor, noise_label: torch.Tensor) -> torch.Tensor:
+        """x (B, H, D), noise_label (B,) -> (B, H, D)."""
+        factor = 2 ** (len(self.channels) - 1)
+        if x.shape[1] % factor:
+            raise ValueError(f"horizon {x.shape[1]} must be divisible by {factor} for U-Net channels {self.channels}")
+        emb = self.noise_embed(noise_label)
+        h = x.transpose(1, 2)
+        skips = []
+        for block1, block2, downsample in self.down:
+            h = block2(block1(h, emb), emb)
+            skips.append(h)
+            h = downsample(h)
+        h = self.mid2(self.mid1(h, emb), emb)
+        skips.pop()  # the deepest level feeds the middle blocks directly
+        for upsample, block1, block2 in self.up:
+            h = upsample(h)
+            h = block2(block1(torch.cat([h, skips.pop()], dim=1), emb), emb)
+        return self.final(h).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------- EDM wrapper
+
+
+class TrajectoryDiffusion(nn.Module):
+    """EDM preconditioning (Karras et al. 2022, Table 1) around a temporal U-Net."""
+
+    def __init__(self, obs_dim: int, act_dim: int, horizon: int, channels: tuple[int, ...] = (64, 128, 256),
+                 kernel_size: int = 5, sigma_data: float = 0.5):
+        super().__init__()
+        self.obs_dim, self.act_dim, self.horizon, self.sigma_data = obs_dim, act_dim, horizon, sigma_data
+        self.net = TemporalUNet(obs_dim + act_dim, channels, kernel_size)
+        factor = 2 ** (len(channels) - 1)
+        if horizon % factor:
+            raise ValueError(f"horizon {horizon} must be divisible by {factor} for U-Net channels {tuple(channels)}")
+
+    def condition_mask(self, horizon: int | None = None, device=None) -> torch.Tensor:
+        """(H, D) bool: True on the first state and on every action."""
+        mask = torch.zeros(horizon or self.horizon, self.obs_dim + self.act_dim, dtype=torch.bool, device=device)
+        mask[0, : self.obs_dim] = True
+        mask[:, self.obs_dim :] = True
+        return mask
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), sigma of shape (B,) or scalar."""
+        sigma = sigma.reshape(-1).expand(x.shape[0]).to(x.dtype)
+        s = sigma[:, None, None]
+        sd2 = self.sigma_data ** 2
+        c_skip = sd2 / (s ** 2 + sd2)
+        c_out = s * self.sigma_data / (s ** 2 + sd2).sqrt()
+        c_in = 1.0 / (s ** 2 + sd2).sqrt()
+        return c_skip * x + c_out * self.net(c_in * x, sigma.log() / 4)
+
+    def loss(self, x0: torch.Tensor, valid: torch.Tensor, p_mean: float = -1.2, p_std: float = 1.2,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """EDM loss on the free entries of real rows. x0 (B, H, D) in [-1, 1] units, valid (B, H) bool."""
+        batch = x0.shape[0]
+        ln_sigma = p_mean + p_std * torch.randn(batch, generator=generator)
+        sigma = ln_sigma.exp().to(x0.device)
+        s = sigma[:, None, None]
+        weight = (s ** 2 + self.sigma_data ** 2) / (s * self.sigma_data) ** 2
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        cond = self.condition_mask(x0.shape[1], x0.device)
+        x_noisy = torch.where(cond, x0, x0 + s * noise)
+        denoised = self.denoise(x_noisy, sigma)
+        loss_mask = (~cond)[None] & valid[:, :, None]
+        per_entry = weight * (denoised - x0).pow(2)
+        return (per_entry * loss_mask).sum() / loss_mask.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------------------------------- sampler
+
+
+def edm_sigma_steps(config: SamplerConfig, device=None) -> torch.Tensor:
+    """Karras noise levels sigma_max -> sigma_min (rho spacing) followed by 0: (num_steps + 1,)."""
+    n = config.num_steps
+    i = torch.arange(n, dtype=torch.float64)
+    inv_rho = 1.0 / config.rho
+    steps = (config.sigma_max ** inv_rho + i / max(n - 1, 1) * (config.sigma_min ** inv_rho - config.sigma_max ** inv_rho)) ** config.rho
+    return torch.cat([steps, torch.zeros(1, dtype=torch.float64)]).to(device)
+
+
+@torch.no_grad()
+def edm_sample(denoise, cond_values: torch.Tensor, cond_mask: torch.Tensor, config: SamplerConfig = SamplerConfig(),
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """EDM stochastic Heun sampler (Algorithm 2) with inpainting.
+
+    denoise(x, sigma) -> x0 estimate; cond_values (B, H, D) holds the given entries (others ignored),
+    cond_mask (H, D) or (B, H, D) marks them. Returns (B, H, D) whose conditioned entries equal cond_values
+    exactly. Noise comes from `generator` (on the CPU, so results do not depend on the device).
+    """
+    device, dtype = cond_values.device, cond_values.dtype
+
+    def randn():
+        return torch.randn(cond_values.shape, generator=generator, dtype=dtype).to(device)
+
+    def impose(x):
+        return torch.where(cond_mask, cond_values, x)
+
+    sigmas = edm_sigma_steps(config, device)
+    gamma_max = min(config.s_churn / config.num_steps, math.sqrt(2.0) - 1.0)
+    x = impose(randn() * sigmas[0].to(dtype))
+    for i in range(config.num_steps):
+        sigma_cur, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        gamma = gamma_max if config.s_min <= sigma_cur <= config.s_max else 0.0
+        sigma_hat = sigma_cur + gamma * sigma_cur
+        if gamma > 0:  # churn: raise the noise level of the free entries only
+            x = impose(x + math.sqrt(sigma_hat ** 2 - sigma_cur ** 2) * config.s_noise * randn())
+        sigma_hat_t = torch.tensor(sigma_hat, dtype=dtype, device=device)
+        slope = (x - denoise(x, sigma_hat_t)) / sigma_hat
+        x_next = impose(x + (sigma_next - sigma_hat) * slope)
+        if i < config.num_steps - 1:  # Heun correction (skipped on the final step to sigma = 0)
+            sigma_next_t = torch.tensor(sigma_next, dtype=dtype, device=device)
+            slope_next = (x_next - denoise(x_next, sigma_next_t)) / sigma_next
+            x_next = impose(x + (sigma_next - sigma_hat) * 0.5 * (slope + slope_next))
+        x = x_next
+    return x

@@ -1,0 +1,45 @@
+"""Batched-ensemble MLP: every parameter has a leading member dimension, so K members train in one matmul
+and early stopping can restore each member's best weights by slicing (see `training.BestWeights`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class EnsembleLinear(nn.Module):
+    def __init__(self, members: int, in_features: int, out_features: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default init, per member
+        self.weight = nn.Parameter(torch.empty(members, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(members, 1, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (K, B, in) -> (K, B, out)
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleMLP(nn.Module):
+    """K independent MLPs `in -> hidden... -> out` evaluated together on inputs of shape (K, B, in)."""
+
+    def __init__(self, members: int, in_features: int, out_features: int, hidden: tuple[int, ...],
+                 activation: type[nn.Module] = nn.SiLU):
+        super().__init__()
+        widths = [in_features, *hidden, out_features]
+        self.layers = nn.ModuleList(EnsembleLinear(members, a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.activation = activation()
+        self.members = members
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # the same batch for every member
+            x = x.unsqueeze(0).expand(self.members, -1, -1)
+        for layer in self.layers[:-1]:
+            x = self.activation(layer(x))
+        return self.layers[-1](x)
+
+    def weight_penalty(self, decays: tuple[float, ...]) -> torch.Tensor:
+        """Sum over layers of decay * ||W||^2 / 2, with one decay per layer (the reference's MBPO values)."""
+        if len(decays) != len(self.layers):
+            raise ValueError(f"{len(decays)} weight decays for {len(self.layers)} layers")
+        return sum(d * 0.5 * layer.weight.pow(2).sum() for d, layer in zip(decays, self.layers))

@@ -1,0 +1,75 @@
+"""Task facts: termination rules (from the Gymnasium v5 sources) and reference scores.
+
+Each termination rule works on batched observations, numpy or torch, and returns a boolean array
+`terminated[...]`. A non-finite observation always counts as terminated (the real env's `is_healthy`
+compares NaN as unhealthy too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+def _lib(x):
+    return torch if isinstance(x, torch.Tensor) else np
+
+
+def hopper_terminated(obs):
+    """Hopper-v5: healthy iff every entry of obs[1:] (qpos[2:] and clipped qvel) lies in (-100, 100),
+    height obs[0] > 0.7 and torso angle obs[1] in (-0.2, 0.2). The reference checks `abs(x < 100)`,
+    which never fails; here every bound is checked."""
+    lib = _lib(obs)
+    finite = lib.isfinite(obs).all(-1)
+    state_ok = (lib.abs(obs[..., 1:]) < 100.0).all(-1)
+    healthy = finite & state_ok & (obs[..., 0] > 0.7) & (obs[..., 1] > -0.2) & (obs[..., 1] < 0.2)
+    return ~healthy
+
+
+def walker2d_terminated(obs):
+    """Walker2d-v5: healthy iff height obs[0] in (0.8, 2.0) and torso angle obs[1] in (-1, 1)."""
+    lib = _lib(obs)
+    finite = lib.isfinite(obs).all(-1)
+    healthy = finite & (obs[..., 0] > 0.8) & (obs[..., 0] < 2.0) & (obs[..., 1] > -1.0) & (obs[..., 1] < 1.0)
+    return ~healthy
+
+
+def halfcheetah_terminated(obs):
+    """HalfCheetah-v5 never terminates; only non-finite states end an episode here."""
+    return ~_lib(obs).isfinite(obs).all(-1)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # short name used in ids: "hopper"
+    env_id: str  # the real Gymnasium env
+    obs_dim: int
+    act_dim: int
+    terminated: Callable
+    max_episode_steps: int
+    # D4RL reference returns (set on the -v2 envs; we label scores "D4RL-normalised on <env_id>")
+    ref_min_score: float
+    ref_max_score: float
+
+    def normalized_score(self, returns):
+        """D4RL-normalised score x100."""
+        return 100.0 * (np.asarray(returns, dtype=np.float64) - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)
+
+
+TASKS: dict[str, Task] = {
+    "hopper": Task("hopper", "Hopper-v5", 11, 3, hopper_terminated, 1000, -20.272305, 3234.3),
+    "walker2d": Task("walker2d", "Walker2d-v5", 17, 6, walker2d_terminated, 1000, 1.629008, 4592.3),
+    "halfcheetah": Task("halfcheetah", "HalfCheetah-v5", 17, 6, halfcheetah_terminated, 1000, -280.178953, 12135.0),
+}
+
+
+def get_task(name_or_env_id: str) -> Task:
+    """Look a task up by short name ("hopper"), env id ("Hopper-v5") or Minari id ("mujoco/hopper/medium-v0")."""
+    key = name_or_env_id.lower()
+    for task in TASKS.values():
+        if key in (task.name, task.env_id.lower()) or f"/{task.name}/" in f"/{key}/" or key.startswith(f"{task.name}-"):
+            return task
+    raise ValueError(f"unknown task '{name_or_env_id}'; known tasks: {sorted(TASKS)} ({[t.env_id for t in TASKS.values()]})")

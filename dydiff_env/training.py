@@ -1,0 +1,382 @@
+"""Training of the four bundle models, with progress bars, CSV metrics, atomic checkpoints and resume.
+
+`train_models(kinds, data, out_dir, config)` is what `dydiff-env train` calls. Each model trains in its own
+loop below; all loops checkpoint every `config.checkpoint_every_s` seconds into `out_dir/checkpoints/` and
+`resume=True` continues from there (a killed run loses at most one interval). A finished model is written
+into the bundle directory and marked done, so `train all --resume` skips it.
+
+Fix to the reference: early stopping restores the best holdout weights (per ensemble member).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import bundle as bundle_io
+from .checkpoint import checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import BCConfig, DiffusionConfig, DynamicsConfig, RewardConfig, TrainConfig
+from .data import Normalizer, OfflineData, TrajectoryWindows
+from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion, edm_sample
+
+MODEL_KINDS = ("dynamics", "reward", "bc", "diffusion")
+
+
+@dataclass
+class RunContext:
+    out_dir: Path
+    device: torch.device
+    seed: int = 0
+    resume: bool = False
+    checkpoint_every_s: float = 60.0
+    progress: bool = True
+    # called after every checkpoint with the model name; tests use it to simulate a kill mid-run
+    on_checkpoint: Callable[[str], None] | None = None
+
+    def checkpoint_path(self, name: str) -> Path:
+        return self.out_dir / "checkpoints" / name
+
+
+class MetricsLog:
+    """Appends rows to `out_dir/metrics.csv` (columns: time, model, step, metric, value)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(["time", "model", "step", "metric", "value"])
+
+    def log(self, model: str, step: int, **metrics: float) -> None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%S")
+        with open(self.path, "a", newline="") as f:
+            writer = csv.writer(f)
+            for key, value in metrics.items():
+                writer.writerow([now, model, step, key, f"{float(value):.6g}"])
+
+
+class BestWeights:
+    """Per-member early stopping for models whose parameters all have a leading member dimension
+    (`EnsembleMLP`-based models; a single model is an ensemble of one)."""
+
+    def __init__(self, model: torch.nn.Module, members: int, min_rel_improvement: float = 0.01):
+        self.best_loss = np.full(members, np.inf)
+        self.best_state = {k: p.detach().clone() for k, p in model.named_parameters()}
+        for key, value in self.best_state.items():
+            if value.shape[0] != members:
+                raise ValueError(f"parameter {key} of shape {tuple(value.shape)} has no leading member dimension {members}")
+        self.min_rel_improvement = min_rel_improvement
+
+    def update(self, model: torch.nn.Module, losses: np.ndarray) -> bool:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            improved = (self.best_loss - losses) / np.abs(self.best_loss) > self.min_rel_improvement
+        improved = (improved | (~np.isfinite(self.best_loss) & np.isfinite(losses))) & np.isfinite(losses)
+        if improved.any():
+            mask = torch.as_tensor(improved)
+            for key, p in model.named_parameters():
+                self.best_state[key][mask] = p.detach()[mask.to(p.device)].to(self.best_state[key].device)
+            self.best_loss[improved] = losses[improved]
+        return bool(improved.any())
+
+    def restore(self, model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                p.copy_(self.best_state[key])
+
+    def state_dict(self) -> dict:
+        return {"best_loss": self.best_loss.tolist(), "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_loss = np.asarray(state["best_loss"], dtype=np.float64)
+        self.best_state = state["best_state"]
+
+
+def _holdout_split(data: OfflineData, fraction: float, max_holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    train_rows, hold_rows = data.split_episodes(fraction, seed)
+    if len(hold_rows) > max_holdout:
+        hold_rows = np.random.default_rng(seed).choice(hold_rows, max_holdout, replace=False)
+    if len(train_rows) == 0:
+        raise ValueError(f"dataset {data.dataset_id} is too small to split off a holdout set")
+    return train_rows, np.sort(hold_rows)
+
+
+def fit_supervised(name: str, model: torch.nn.Module, members: int,
+                   batch_loss: Callable[[torch.Tensor], torch.Tensor],
+                   holdout_loss: Callable[[], torch.Tensor],
+                   train_rows: np.ndarray, cfg, optimizer: torch.optim.Optimizer,
+                   ctx: RunContext, metrics: MetricsLog) -> dict:
+    """Epochs of minibatch steps (each member draws its own batch of train rows) and holdout early stopping.
+
+    Stops after `cfg.patience` epochs in which no member improved by 1 %, or at `cfg.max_epochs`, and then
+    restores every member's best holdout weights. Returns {"holdout_loss": per-member best, "epochs": n}.
+    """
+    steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(len(train_rows) / cfg.batch_size))
+    generator = torch.Generator().manual_seed(ctx.seed)
+    rng = np.random.default_rng(ctx.seed)
+    best = BestWeights(model, members)
+    epoch, stale = 0, 0
+    ckpt = ctx.checkpoint_path(name)
+    if ctx.resume and checkpoint_exists(ckpt):
+        state = load_checkpoint(ckpt)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        best.load_state_dict(state["best"])
+        epoch, stale = state["epoch"], state["stale"]
+        set_rng_state(state["rng"], generator, rng)
+
+    def save():
+        save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best.state_dict(),
+                               "epoch": epoch, "stale": stale, "rng": rng_state(generator, rng)})
+        if ctx.on_checkpoint:
+            ctx.on_checkpoint(name)
+
+    last_save = time.monotonic()
+    bar = tqdm(total=cfg.max_epochs, initial=epoch, desc=f"train {name}", unit="epoch", disable=not ctx.progress)
+    while epoch < cfg.max_epochs and stale < cfg.patience:
+        model.train()
+        total = 0.0
+        for _ in range(steps_per_epoch):
+            idx = torch.as_tensor(train_rows[rng.integers(0, len(train_rows), size=(members, cfg.batch_size))])
+            loss = batch_loss(idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        model.eval()
+        losses = holdout_loss().detach().cpu().numpy().astype(np.float64)
+        stale = 0 if best.update(model, losses) else stale + 1
+        epoch += 1
+        metrics.log(name, epoch, train_loss=total / steps_per_epoch, holdout_loss=float(losses.mean()),
+                    best_holdout_loss=float(best.best_loss.mean()))
+        bar.update(1)
+        bar.set_postfix(holdout=f"{losses.mean():.4g}", best=f"{best.best_loss.mean():.4g}")
+        if time.monotonic() - last_save >= ctx.checkpoint_every_s:
+            save()
+            last_save = time.monotonic()
+    bar.close()
+    best.restore(model)
+    save()
+    return {"holdout_loss": best.best_loss.tolist(), "epochs": epoch}
+
+
+def _tensor(x: np.ndarray, device) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.float32, device=device)
+
+
+def train_dynamics(data: OfflineData, cfg: DynamicsConfig, ctx: RunContext, metrics: MetricsLog) -> tuple[DynamicsEnsemble, dict]:
+    dev = ctx.device
+    model = DynamicsEnsemble(data.obs_dim, data.act_dim, cfg.ensemble_size, cfg.num_elites, cfg.hidden).to(dev)
+    inputs = Normalizer.fit(np.concatenate([data.observations, data.actions], 1))
+    delta = Normalizer.fit(data.next_observations - data.observations)
+    model.set_normalization(inputs.mean, inputs.std, delta.mean, delta.std)
+    obs, act, nxt = _tensor(data.observations, dev), _tensor(data.actions, dev), _tensor(data.next_observations, dev)
+    train_rows, hold = _holdout_split(data, cfg.holdout_fraction, cfg.max_holdout, ctx.seed)
+    hold_t = torch.as_tensor(hold, device=dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    def batch_loss(idx):
+        idx = idx.to(dev)
+        return model.loss(obs[idx], act[idx], nxt[idx], cfg.weight_decay)
+
+    def holdout_loss():
+        return model.holdout_mse(obs[hold_t], act[hold_t], nxt[hold_t])
+
+    summary = fit_supervised("dynamics", model, cfg.ensemble_size, batch_loss, holdout_loss, train_rows, cfg,
+                             optimizer, ctx, metrics)
+    member_mse = model.holdout_mse(obs[hold_t], act[hold_t], nxt[hold_t]).cpu().numpy()
+    model.set_elites(member_mse)
+    summary["elites"] = model.elites.tolist()
+    summary["elite_holdout_mse"] = float(member_mse[model.elites.cpu().numpy()].mean())
+    return model, summary
+
+
+def train_reward(data: OfflineData, cfg: RewardConfig, ctx: RunContext, metrics: MetricsLog) -> tuple[RewardModel, dict]:
+    dev = ctx.device
+    model = RewardModel(data.obs_dim, data.act_dim, cfg.hidden).to(dev)
+    inputs = Normalizer.fit(np.concatenate([data.observations, data.actions], 1))
+    model.set_normalization(inputs.mean, inputs.std, float(data.rewards.mean()), float(max(data.rewards.std(), 1e-6)))
+    obs, act, rew = _tensor(data.observations, dev), _tensor(data.actions, dev), _tensor(data.rewards, dev)
+    train_rows, hold = _holdout_split(data, cfg.holdout_fraction, cfg.max_holdout, ctx.seed + 1)
+    hold_t = torch.as_tensor(hold, device=dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    summary = fit_supervised(
+        "reward", model, 1, lambda idx: model.loss(obs[idx[0].to(dev)], act[idx[0].to(dev)], rew[idx[0].to(dev)]),
+        lambda: model.holdout_mse(obs[hold_t], act[hold_t], rew[hold_t]), train_rows, cfg, optimizer, ctx, metrics)
+    summary["holdout_mse"] = summary["holdout_loss"][0]
+    summary["reward_std"] = float(data.rewards.std())
+    return model, summary
+
+
+def train_bc(data: OfflineData, cfg: BCConfig, ctx: RunContext, metrics: MetricsLog) -> tuple[BCPolicy, dict]:
+    dev = ctx.device
+    model = BCPolicy(data.obs_dim, data.act_dim, cfg.hidden).to(dev)
+    stats = Normalizer.fit(data.observations)
+    model.set_normalization(stats.mean, stats.std)
+    obs, act = _tensor(data.observations, dev), _tensor(data.actions, dev)
+    train_rows, hold = _holdout_split(data, cfg.holdout_fraction, cfg.max_holdout, ctx.seed + 2)
+    hold_t = torch.as_tensor(hold, device=dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # early stopping on the holdout negative log-likelihood (the training objective)
+    summary = fit_supervised(
+        "bc", model, 1, lambda idx: model.loss(obs[idx[0].to(dev)], act[idx[0].to(dev)]),
+        lambda: model.loss(obs[hold_t], act[hold_t]).detach().reshape(1), train_rows, cfg, optimizer, ctx, metrics)
+    summary["holdout_nll"] = summary["holdout_loss"][0]
+    summary["holdout_action_mse"] = float(model.holdout_mse(obs[hold_t], act[hold_t])[0])
+    return model, summary
+
+
+# ------------------------------------------------------------------------------------------------- diffusion
+
+
+def diffusion_normalizer(data: OfflineData) -> Normalizer:
+    return Normalizer.fit(np.concatenate([data.observations, data.actions], 1))
+
+
+@torch.no_grad()
+def teacher_forced_error(model: TrajectoryDiffusion, windows: TrajectoryWindows, norm: Normalizer, obs_std: np.ndarray,
+                         sampler, count: int, generator: torch.Generator, device) -> np.ndarray:
+    """Mean absolute state error per horizon step, in dataset-std units, of states sampled given a window's
+    own first state and actions (the diffusion model's precision with no policy mismatch). Shape (H,)."""
+    idx = np.linspace(0, len(windows) - 1, num=min(count, len(windows))).astype(int)
+    x, valid = windows.get(idx)
+    x_unit = _tensor(norm.to_unit(x), device)
+    sample = edm_sample(model.denoise, x_unit, model.condition_mask(device=device), sampler, generator)
+    states = norm.from_unit(sample.cpu().numpy())[..., : model.obs_dim]
+    err = np.abs(states - x[..., : model.obs_dim]) / obs_std
+    err = np.where(valid[..., None], err, np.nan)
+    return np.nanmean(err, axis=(0, 2))
+
+
+def train_diffusion(data: OfflineData, cfg: DiffusionConfig, sampler, ctx: RunContext, metrics: MetricsLog,
+                    error_windows: int = 64) -> tuple[TrajectoryDiffusion, dict]:
+    dev = ctx.device
+    norm = diffusion_normalizer(data)
+    model = TrajectoryDiffusion(data.obs_dim, data.act_dim, cfg.horizon, cfg.channels, cfg.kernel_size, cfg.sigma_data).to(dev)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    train_rows, hold_rows = data.split_episodes(cfg.holdout_fraction, ctx.seed + 3)
+    train_windows = TrajectoryWindows(data, cfg.horizon, cfg.min_valid_rows, rows=train_rows)
+    hold_windows = TrajectoryWindows(data, cfg.horizon, cfg.min_valid_rows, rows=hold_rows)
+    if len(train_windows) == 0:
+        raise ValueError(f"no training windows of horizon {cfg.horizon}: the dataset's episodes are too short")
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
+    generator = torch.Generator().manual_seed(ctx.seed)
+    rng = np.random.default_rng(ctx.seed)
+    step = 0
+    ckpt = ctx.checkpoint_path("diffusion")
+    if ctx.resume and checkpoint_exists(ckpt):
+        state = load_checkpoint(ckpt)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        set_rng_state(state["rng"], generator, rng)
+
+    def save():
+        save_checkpoint(ckpt, {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(generator, rng)})
+        if ctx.on_checkpoint:
+            ctx.on_checkpoint("diffusion")
+
+    # fixed holdout batch and noise, so the validation loss is comparable across evaluations
+    hold_source = hold_windows if len(hold_windows) else train_windows
+    hold_idx = np.linspace(0, len(hold_source) - 1, num=min(256, len(hold_source))).astype(int)
+    hx, hvalid = hold_source.get(hold_idx)
+    hold_x, hold_valid = _tensor(norm.to_unit(hx), dev), torch.as_tensor(hvalid, device=dev)
+
+    def holdout_loss(net):
+        return float(net.loss(hold_x, hold_valid, cfg.p_mean, cfg.p_std, torch.Generator().manual_seed(1234)))
+
+    last_save = time.monotonic()
+    bar = tqdm(total=cfg.train_steps, initial=step, desc="train diffusion", unit="step", disable=not ctx.progress)
+    running = []
+    while step < cfg.train_steps:
+        model.train()
+        x, valid = train_windows.get(rng.integers(0, len(train_windows), size=cfg.batch_size))
+        loss = model.loss(_tensor(norm.to_unit(x), dev), torch.as_tensor(valid, device=dev), cfg.p_mean, cfg.p_std, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():  # EMA with a warm-up so early weights are not frozen in
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+            for b_ema, b in zip(ema.buffers(), model.buffers()):
+                b_ema.copy_(b)
+        step += 1
+        running.append(float(loss))
+        bar.update(1)
+        if step % cfg.eval_every == 0 or step == cfg.train_steps:
+            ema.eval()
+            hl = holdout_loss(ema)
+            metrics.log("diffusion", step, train_loss=float(np.mean(running)), holdout_loss=hl, lr=scheduler.get_last_lr()[0])
+            bar.set_postfix(loss=f"{np.mean(running):.4f}", holdout=f"{hl:.4f}")
+            running = []
+        if time.monotonic() - last_save >= ctx.checkpoint_every_s:
+            save()
+            last_save = time.monotonic()
+    bar.close()
+    save()
+    ema.eval()
+    obs_std = Normalizer.fit(data.observations).std
+    err = teacher_forced_error(ema, hold_source, norm, obs_std, sampler, error_windows, torch.Generator().manual_seed(ctx.seed), dev)
+    summary = {"steps": step, "holdout_loss": holdout_loss(ema), "parameters": sum(p.numel() for p in ema.parameters()),
+               "teacher_forced_state_error": [round(float(e), 4) for e in err]}
+    for h in sorted({1, 8, 16, 32, cfg.horizon // 2, cfg.horizon - 1}):
+        if h < len(err):
+            metrics.log("diffusion", step, **{f"teacher_forced_error_h{h}": float(err[h])})
+    return ema, summary
+
+
+# --------------------------------------------------------------------------------------------------- driver
+
+
+def train_models(kinds: list[str], data: OfflineData, out_dir: str | os.PathLike, config: TrainConfig,
+                 device: str | torch.device = "cpu", resume: bool = False, progress: bool = True,
+                 on_checkpoint: Callable[[str], None] | None = None) -> dict:
+    """Train the requested models on `data` and write them into the bundle directory `out_dir`.
+
+    The bundle's config.json is rewritten after every model, so a bundle is usable (for the models it has)
+    at any point. Returns the per-model summaries.
+    """
+    unknown = set(kinds) - set(MODEL_KINDS)
+    if unknown:
+        raise ValueError(f"unknown model kinds {sorted(unknown)}; choose from {MODEL_KINDS} or 'all'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(out, torch.device(device), config.seed, resume, config.checkpoint_every_s, progress, on_checkpoint)
+    metrics = MetricsLog(out / "metrics.csv")
+    torch.manual_seed(config.seed)
+    writer = bundle_io.BundleWriter(out, data, config)
+    summaries = {}
+    for kind in [k for k in MODEL_KINDS if k in kinds]:
+        if resume and writer.has_model(kind):
+            print(f"[train] {kind}: already in {out}, skipped (--resume)")
+            continue
+        start = time.monotonic()
+        if kind == "dynamics":
+            model, summary = train_dynamics(data, config.dynamics, ctx, metrics)
+        elif kind == "reward":
+            model, summary = train_reward(data, config.reward, ctx, metrics)
+        elif kind == "bc":
+            model, summary = train_bc(data, config.bc, ctx, metrics)
+        else:
+            model, summary = train_diffusion(data, config.diffusion, config.sampler, ctx, metrics)
+        summary["train_seconds"] = round(time.monotonic() - start, 1)
+        writer.add_model(kind, model, summary)
+        summaries[kind] = summary
+        print(f"[train] {kind}: done in {summary['train_seconds']} s; holdout {summary.get('holdout_loss')}")
+    return summaries
