@@ -1,0 +1,217 @@
+"""The DyDiff rollout (Zhao et al. 2024, arXiv 2405.19189) as one function on batched tensors.
+
+    result = dydiff_rollout(bundle, start_obs, policy, horizon=48, num_iterations=2)
+
+1. Initial trajectory: a_t = policy(s_t), s_{t+1} = single-step ensemble(s_t, a_t).
+2. `num_iterations` times: sample states from the diffusion model given s_0 and the current actions,
+   average them with the previous states, relabel every action with the policy.
+3. Label rewards with the reward model, termination with the task's rule; cut each trajectory after its
+   first predicted termination.
+4. Score trajectories by predicted return and keep a fraction (hardmax / softmax / none).
+
+Baselines are settings of the same function: `num_iterations=0` is a pure single-step-ensemble rollout
+(MBPO/MOPO style); `policy=behaviour_policy(bundle)` is the "behaviour prior" mode (the diffusion model
+driven by the bundle's behaviour-cloning actions, no learning policy injected).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import SamplerConfig
+from .models import edm_sample
+
+Policy = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
+
+
+class PolicyError(ValueError):
+    pass
+
+
+@dataclass
+class FilterConfig:
+    """Which trajectories a rollout keeps. mode: "hardmax" (the top `keep_fraction` by predicted return),
+    "softmax" (that many drawn without replacement with p ~ exp(z / temperature), z the standardised
+    return), or "none"."""
+
+    mode: str = "hardmax"
+    keep_fraction: float = 0.6
+    temperature: float = 0.05
+
+    def __post_init__(self):
+        if self.mode not in ("hardmax", "softmax", "none"):
+            raise ValueError(f"filter mode must be 'hardmax', 'softmax' or 'none', got '{self.mode}'")
+        if not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class RolloutResult:
+    """Batched trajectories, all (B, H, ...) except `returns` and `kept` (B,).
+
+    Transition t is (obs[:, t], actions[:, t], rewards[:, t], next_obs[:, t], terminated[:, t]);
+    next_obs[:, t] == obs[:, t + 1]. `valid` is True up to and including the first predicted termination.
+    `disagreement` is the dynamics ensemble's spread on each transition (dataset-std units).
+    """
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    next_obs: torch.Tensor
+    terminated: torch.Tensor
+    valid: torch.Tensor
+    returns: torch.Tensor
+    kept: torch.Tensor
+    disagreement: torch.Tensor
+    nonfinite: torch.Tensor  # (B,) a model produced NaN/inf; such trajectories end there
+
+    def __len__(self) -> int:
+        return self.obs.shape[0]
+
+    def select(self, index) -> "RolloutResult":
+        return RolloutResult(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+    def transitions(self, kept_only: bool = True) -> dict[str, np.ndarray]:
+        """Flat numpy transitions of the valid steps (of the kept trajectories), for replay buffers."""
+        mask = self.valid & self.kept[:, None] if kept_only else self.valid
+        return {
+            "obs": self.obs[mask].cpu().numpy(), "actions": self.actions[mask].cpu().numpy(),
+            "rewards": self.rewards[mask].cpu().numpy(), "next_obs": self.next_obs[mask].cpu().numpy(),
+            "terminated": self.terminated[mask].cpu().numpy(),
+        }
+
+
+def call_policy(policy: Policy, obs: torch.Tensor, act_dim: int) -> torch.Tensor:
+    """Evaluate a batch policy and check its output: (B, act_dim), finite; clipped to [-1, 1].
+
+    Non-finite model states are shown to the policy as zeros, so a model failure (which the rollout
+    flags) is never reported as a policy failure."""
+    with torch.no_grad():
+        actions = policy(torch.nan_to_num(obs, nan=0.0, posinf=0.0, neginf=0.0))
+    actions = torch.as_tensor(np.asarray(actions) if not isinstance(actions, torch.Tensor) else actions,
+                              dtype=obs.dtype, device=obs.device)
+    if actions.shape != (obs.shape[0], act_dim):
+        raise PolicyError(f"policy returned actions of shape {tuple(actions.shape)} for {obs.shape[0]} observations; "
+                          f"expected ({obs.shape[0]}, {act_dim}) (a batch of observations in, a batch of actions out)")
+    if not torch.isfinite(actions).all():
+        raise PolicyError("policy returned NaN or inf actions; check the policy's inputs and weights")
+    return actions.clamp(-1.0, 1.0)
+
+
+def behaviour_policy(bundle, generator: torch.Generator | None = None, deterministic: bool = False) -> Policy:
+    """The bundle's behaviour-cloning policy as a rollout policy (stochastic by default, like the data)."""
+    bundle.require("bc")
+    return lambda obs: bundle.bc.act(obs, deterministic=deterministic, generator=generator)
+
+
+def filter_trajectories(returns: torch.Tensor, config: FilterConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Boolean mask (B,) of the kept trajectories; keeps exactly ceil(keep_fraction * B) unless mode is none."""
+    batch = returns.shape[0]
+    if config.mode == "none" or batch == 0:
+        return torch.ones(batch, dtype=torch.bool, device=returns.device)
+    count = max(1, math.ceil(config.keep_fraction * batch - 1e-9))
+    scores = returns.double().cpu()
+    if config.mode == "softmax":  # Gumbel top-k = sampling without replacement with p ~ exp(z / T)
+        z = (scores - scores.mean()) / scores.std(unbiased=False).clamp_min(1e-8)
+        uniform = torch.rand(batch, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        scores = z / config.temperature - torch.log(-torch.log(uniform))
+    kept = torch.zeros(batch, dtype=torch.bool)
+    kept[torch.topk(scores, count, sorted=False).indices] = True
+    return kept.to(returns.device)
+
+
+def _first_termination_cut(terminated: torch.Tensor) -> torch.Tensor:
+    """valid[t] = no termination strictly before t (the terminating transition itself stays valid)."""
+    before = torch.cumsum(terminated.int(), dim=1) - terminated.int()
+    return before == 0
+
+
+@torch.no_grad()
+def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy, horizon: int | None = None,
+                   num_iterations: int = 2, sampler: SamplerConfig | None = None,
+                   filter: FilterConfig | None = None, generator: torch.Generator | None = None,
+                   dynamics_mode: str = "elite_mean", chunk_size: int = 512) -> RolloutResult:
+    """DyDiff rollouts of `policy` from `start_obs` (B, obs_dim); see the module docstring.
+
+    horizon: transitions per trajectory; at most the diffusion window minus one (the window's last state
+    is only a next state). Defaults to three quarters of the window, because the last rows of a U-Net
+    window are its least accurate. sampler: EDM sampler settings (default: the bundle's). filter: which
+    trajectories to keep (default hardmax 60 %). Large batches run in chunks of `chunk_size`.
+    """
+    sampler = sampler or bundle.config.sampler
+    filter = filter or FilterConfig()
+    device = bundle.device
+    start_obs = torch.as_tensor(np.asarray(start_obs) if not isinstance(start_obs, torch.Tensor) else start_obs,
+                                dtype=torch.float32).to(device)
+    if start_obs.dim() != 2 or start_obs.shape[1] != bundle.obs_dim:
+        raise ValueError(f"start_obs must have shape (batch, {bundle.obs_dim}), got {tuple(start_obs.shape)}")
+    if not torch.isfinite(start_obs).all():
+        raise ValueError("start_obs contains NaN or inf")
+    if num_iterations < 0:
+        raise ValueError(f"num_iterations must be >= 0, got {num_iterations}")
+    bundle.require("dynamics", "reward", *(("diffusion",) if num_iterations > 0 else ()))
+    window = bundle.diffusion.horizon if bundle.diffusion is not None else None
+    if horizon is None:
+        if window is None:
+            raise ValueError("pass horizon: this bundle has no diffusion model to take a default from")
+        horizon = max(1, (3 * window) // 4)
+    if num_iterations > 0 and not 1 <= horizon <= window - 1:
+        raise ValueError(f"horizon must be in [1, {window - 1}] for this bundle's diffusion window of {window} rows")
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+
+    chunks = [_rollout_chunk(bundle, part, policy, horizon, num_iterations, sampler, generator, dynamics_mode, window)
+              for part in start_obs.split(chunk_size)]
+    result = RolloutResult(*(torch.cat([getattr(c, f) for c in chunks]) for f in RolloutResult.__dataclass_fields__))
+    result.kept = filter_trajectories(result.returns, filter, generator)
+    return result
+
+
+def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generator, dynamics_mode, window) -> RolloutResult:
+    obs_dim, act_dim = bundle.obs_dim, bundle.act_dim
+    # the diffusion model works on whole windows; a pure single-step rollout needs only horizon + 1 states
+    length = window if num_iterations > 0 else horizon + 1
+
+    # 1. initial trajectory from the single-step ensemble
+    states = [s0]
+    actions = []
+    for _ in range(length):
+        a = call_policy(policy, states[-1], act_dim)
+        nxt, _ = bundle.dynamics.predict(states[-1], a, mode=dynamics_mode, generator=generator)
+        actions.append(a)
+        states.append(nxt)
+    states = torch.stack(states[:length], 1)  # (B, L, obs): s_0 .. s_{L-1}
+    actions = torch.stack(actions, 1)  # (B, L, act)
+
+    # 2. diffusion refinement: sample states given s_0 and the actions, average, relabel the actions
+    norm = bundle.normalizer("transition")
+    cond_mask = bundle.diffusion.condition_mask(device=s0.device) if num_iterations > 0 else None
+    for _ in range(num_iterations):
+        cond = norm.to_unit(torch.cat([states, actions], -1))
+        sample = edm_sample(bundle.diffusion.denoise, cond, cond_mask, sampler, generator)
+        sampled_states = norm.from_unit(sample)[..., :obs_dim]
+        states = 0.5 * (sampled_states + states)
+        states[:, 0] = s0  # the unit-scaling round trip is not bit-exact; s_0 is given, so keep it exact
+        actions = call_policy(policy, states.reshape(-1, obs_dim), act_dim).reshape(actions.shape)
+
+    # 3. labels: transition t goes from states[:, t] to states[:, t + 1]
+    obs, next_obs, acts = states[:, :horizon], states[:, 1 : horizon + 1], actions[:, :horizon]
+    rewards = bundle.reward(obs, acts)
+    _, disagreement = bundle.dynamics.predict(obs.reshape(-1, obs_dim), acts.reshape(-1, act_dim), mode="mean")
+    disagreement = disagreement.reshape(obs.shape[:2])
+    finite = torch.isfinite(next_obs).all(-1) & torch.isfinite(rewards) & torch.isfinite(obs).all(-1)
+    terminated = torch.as_tensor(bundle.task.terminated(next_obs), device=obs.device) | ~finite
+    # a non-finite step counts as a termination (so nothing after it is valid) but is never data itself
+    valid = _first_termination_cut(terminated) & finite
+    # 4. score by predicted return over the valid steps
+    returns = torch.where(valid, rewards, torch.zeros_like(rewards)).sum(1)
+    return RolloutResult(obs, acts, rewards, next_obs, terminated, valid, returns,
+                         torch.ones(obs.shape[0], dtype=torch.bool, device=obs.device), disagreement,
+                         ~finite.all(1))
