@@ -1,109 +1,178 @@
-"""Atomic, pickle-free checkpoints: tensors in safetensors, everything else in JSON.
+"""Pickle-free, atomic checkpoints (training state of the models and the agents): nested Python state -> safetensors tensors + a JSON description of the structure.
 
-`flatten_state` splits any nesting of dicts / lists / tuples holding tensors, numpy arrays and JSON
-scalars (an optimizer's state_dict, RNG states, counters) into a flat {path: tensor} map and a JSON
-skeleton; `unflatten_state` rebuilds it. `save_checkpoint` writes both files to temporary names and then
-renames them, a checkpoint directory entry at a time, so a kill at any moment leaves the previous complete
-checkpoint in place.
+`flatten_state(obj)` walks nested dicts / lists / tuples whose leaves are torch tensors, numpy arrays, ints,
+floats, bools, str or None, and returns `(tensors, meta)`: every array leaf goes into `tensors` under a unique
+readable name (its path, e.g. ``agent.critic.q1.0.weight``) and `meta` is a JSON-able tree that records the
+structure, the scalars, and where each tensor goes. `unflatten_state(tensors, meta)` inverts it exactly:
+int dictionary keys (optimizer states use them) stay ints, tuples stay tuples, numpy arrays come back as numpy
+arrays, NaN / inf floats survive.
+
+`save_checkpoint(path, state)` writes ONE safetensors file whose header metadata holds the JSON meta, so a
+checkpoint is a single file and `os.replace` of a fully written, fsync'ed temporary makes the save atomic (a
+crash leaves either the old or the new checkpoint, never a mix). Nothing is ever unpickled on load.
+
+The meta encoding is tagged: a dict node is ``{"$dict": [[key, value], ...]}``, a list ``{"$list": [...]}``,
+a tuple ``{"$tuple": [...]}``, a tensor ``{"$tensor": name}``, a numpy array ``{"$ndarray": name}``, a
+non-finite float ``{"$float": "nan" | "inf" | "-inf"}``; None, bools, ints, finite floats and strings are
+stored as themselves (they are never JSON objects, so they cannot be confused with a tag).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-_TENSOR = "__tensor__"
-_NDARRAY = "__ndarray__"
-_TUPLE = "__tuple__"
+FORMAT = "dydiff-env-state"
+FORMAT_VERSION = 1
+_META_KEY = "dydiff_env_meta"
 
 
-def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+def flatten_state(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """Split nested state into `(tensors, meta)`; see the module docstring for the encoding.
+
+    Tensors are copied to contiguous CPU memory (safetensors refuses shared or strided storage, and the copy
+    means later training steps cannot change what is being written)."""
     tensors: dict[str, torch.Tensor] = {}
 
-    def walk(value, path):
-        if isinstance(value, torch.Tensor):
-            tensors[path] = value.detach().cpu().contiguous()
-            return {_TENSOR: path}
-        if isinstance(value, np.ndarray):
-            tensors[path] = torch.from_numpy(np.ascontiguousarray(value))
-            return {_NDARRAY: path}
-        if isinstance(value, dict):
-            return {"__dict__": [[walk(k, f"{path}.k{i}") if not isinstance(k, (str, int)) else k,
-                                  walk(v, f"{path}.{i}")] for i, (k, v) in enumerate(value.items())]}
-        if isinstance(value, tuple):
-            return {_TUPLE: [walk(v, f"{path}.{i}") for i, v in enumerate(value)]}
-        if isinstance(value, list):
-            return [walk(v, f"{path}.{i}") for i, v in enumerate(value)]
-        if isinstance(value, (np.integer, np.floating, np.bool_)):
-            return value.item()
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        raise TypeError(f"cannot checkpoint a {type(value).__name__} at '{path}'")
+    def tensor_name(path: list[str]) -> str:
+        base = ".".join(path) or "value"
+        name, n = base, 1
+        while name in tensors:  # keys containing "." could collide with a sibling's path
+            name, n = f"{base}#{n}", n + 1
+        return name
 
-    skeleton = walk(obj, prefix or "s")
-    return tensors, skeleton
+    def encode(x: Any, path: list[str]) -> Any:
+        if isinstance(x, torch.Tensor):
+            name = tensor_name(path)
+            tensors[name] = x.detach().to("cpu", copy=True).contiguous()
+            return {"$tensor": name}
+        if isinstance(x, np.ndarray):
+            if x.dtype == object:
+                raise TypeError(f"flatten_state: object arrays are not supported (at '{'.'.join(path)}')")
+            name = tensor_name(path)
+            tensors[name] = torch.from_numpy(np.array(x, copy=True, order="C"))
+            return {"$ndarray": name}
+        if isinstance(x, np.generic):  # numpy scalars become Python scalars
+            return encode(x.item(), path)
+        if x is None or isinstance(x, (bool, int, str)):
+            return x
+        if isinstance(x, float):
+            if math.isfinite(x):
+                return x
+            return {"$float": "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")}
+        if isinstance(x, dict):
+            items = []
+            for key, value in x.items():
+                if not (key is None or isinstance(key, (str, int, float, bool))):
+                    raise TypeError(f"flatten_state: dict keys must be str/int/float/bool/None, got "
+                                    f"{type(key).__name__} at '{'.'.join(path)}'")
+                items.append([key, encode(value, [*path, str(key)])])
+            return {"$dict": items}
+        if isinstance(x, (list, tuple)):
+            encoded = [encode(v, [*path, str(i)]) for i, v in enumerate(x)]
+            return {"$tuple" if isinstance(x, tuple) else "$list": encoded}
+        raise TypeError(f"flatten_state: unsupported type {type(x).__name__} at '{'.'.join(path) or '<root>'}'")
+
+    meta = encode(obj, [])
+    return tensors, meta
 
 
-def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
-    def build(node):
-        if isinstance(node, dict):
-            if _TENSOR in node:
-                return tensors[node[_TENSOR]]
-            if _NDARRAY in node:
-                return tensors[node[_NDARRAY]].numpy()
-            if _TUPLE in node:
-                return tuple(build(v) for v in node[_TUPLE])
-            if "__dict__" in node:
-                return {build(k) if isinstance(k, dict) else k: build(v) for k, v in node["__dict__"]}
-        if isinstance(node, list):
-            return [build(v) for v in node]
-        return node
+def unflatten_state(tensors: dict[str, torch.Tensor], meta: Any, device: str | torch.device | None = None) -> Any:
+    """Inverse of `flatten_state`. Tensors are moved to `device` when given (numpy leaves stay on the host)."""
 
-    return build(skeleton)
+    def decode(m: Any) -> Any:
+        if not isinstance(m, dict):
+            return m
+        if len(m) != 1:
+            raise ValueError(f"unflatten_state: malformed node {m!r}")
+        (tag, value), = m.items()
+        if tag == "$tensor":
+            t = _lookup(tensors, value)
+            return t.to(device) if device is not None else t
+        if tag == "$ndarray":
+            return _lookup(tensors, value).numpy()
+        if tag == "$float":
+            return float(value)
+        if tag == "$dict":
+            return {key: decode(v) for key, v in value}
+        if tag == "$list":
+            return [decode(v) for v in value]
+        if tag == "$tuple":
+            return tuple(decode(v) for v in value)
+        raise ValueError(f"unflatten_state: unknown tag {tag!r}")
+
+    return decode(meta)
+
+
+def _lookup(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    try:
+        return tensors[name]
+    except KeyError:
+        raise KeyError(f"unflatten_state: tensor '{name}' is missing from the checkpoint") from None
 
 
 def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
-    """Write `path.safetensors` and `path.json` atomically (the JSON, written last, names the tensor file's
-    content hash, so a half-updated pair is detected on load)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors, skeleton = flatten_state(state)
-    tmp_t, tmp_j = path.with_suffix(".safetensors.tmp"), path.with_suffix(".json.tmp")
-    # safetensors refuses tensors that share memory; checkpoints are small enough to copy
-    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp_t))
-    size = tmp_t.stat().st_size
-    with open(tmp_j, "w") as f:
-        json.dump({"skeleton": skeleton, "tensor_file_size": size}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_t, path.with_suffix(".safetensors"))
-    os.replace(tmp_j, path.with_suffix(".json"))
+    """Atomically write `state` (see `flatten_state`) as one safetensors file at `path`."""
+    from safetensors.torch import save
+
+    path = os.fspath(path)
+    tensors, meta = flatten_state(state)
+    header = {_META_KEY: json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "state": meta},
+                                    allow_nan=False)}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        payload = save(tensors, metadata=header)
+        with open(tmp, "wb") as f:  # plain open() so the file gets the usual umask permissions
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())  # the data must be on disk before the rename makes it the checkpoint
+        del payload
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    try:  # make the rename itself durable; not every filesystem allows fsync on a directory
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
 
 
-def load_checkpoint(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    tfile, jfile = path.with_suffix(".safetensors"), path.with_suffix(".json")
-    if not (tfile.is_file() and jfile.is_file()):
-        raise FileNotFoundError(f"no checkpoint at {path} (expected {tfile.name} and {jfile.name})")
-    with open(jfile) as f:
-        meta = json.load(f)
-    if tfile.stat().st_size != meta["tensor_file_size"]:
-        raise ValueError(f"checkpoint {path} is inconsistent (interrupted while writing?); delete it to restart")
-    return unflatten_state(load_file(str(tfile)), meta["skeleton"])
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None) -> Any:
+    """Read a file written by `save_checkpoint`; tensors land on `device` (default CPU)."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    with safe_open(path, framework="pt", device="cpu") as f:
+        header = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    if _META_KEY not in header:
+        raise ValueError(f"{path} is a safetensors file but not a dydiff-env checkpoint (no '{_META_KEY}' metadata)")
+    payload = json.loads(header[_META_KEY])
+    if payload.get("format") != FORMAT or payload.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported checkpoint format {payload.get('format')!r} "
+                         f"version {payload.get('version')!r} (expected {FORMAT!r} version {FORMAT_VERSION})")
+    return unflatten_state(tensors, payload["state"], device=device)
 
 
 def checkpoint_exists(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return path.with_suffix(".safetensors").is_file() and path.with_suffix(".json").is_file()
+    return os.path.isfile(path)
 
 
 def rng_state(generator: torch.Generator, rng: np.random.Generator) -> dict:
+    """Both random streams of a training loop, in a form `save_checkpoint` stores."""
     return {"torch": generator.get_state(), "numpy": rng.bit_generator.state}
 
 

@@ -44,7 +44,7 @@ class RunContext:
     on_checkpoint: Callable[[str], None] | None = None
 
     def checkpoint_path(self, name: str) -> Path:
-        return self.out_dir / "checkpoints" / name
+        return self.out_dir / "checkpoints" / f"{name}.safetensors"
 
 
 class MetricsLog:
