@@ -191,14 +191,36 @@ class DydiffEnv(gym.vector.VectorEnv):
                               num_iterations=self.num_iterations, sampler=self.sampler, filter=filter,
                               generator=self._generator, dynamics_mode=self.dynamics_mode)
 
-    def _generate_pool(self) -> None:
+    def sample_start_obs(self, count: int, rng: np.random.Generator | None = None, start_states: str | None = None) -> torch.Tensor:
+        """`count` dataset observations to start plans from ("episode_starts" or "any", default: the env's)."""
         starts = self.bundle.start_states
-        rows = np.flatnonzero(starts["is_episode_start"]) if self.start_states == "episode_starts" else None
+        if not starts:
+            raise BundleError(f"bundle {self.bundle.path} stores no start states; re-train or re-export it")
+        mode = start_states or self.start_states
+        rows = np.flatnonzero(starts["is_episode_start"]) if mode == "episode_starts" else None
         if rows is None or len(rows) == 0:
             rows = np.arange(len(starts["observations"]))
+        pick = rows[(rng or self.np_random).integers(0, len(rows), size=count)]
+        return torch.as_tensor(starts["observations"][pick], device=self.bundle.device)
+
+    def rollout(self, num_starts: int, policy: Any = None, start_obs: torch.Tensor | np.ndarray | None = None,
+                rng: np.random.Generator | None = None, start_states: str = "any"):
+        """One batched DyDiff rollout with this env's settings (horizon, iterations, sampler, filter), from
+        `start_obs` or `num_starts` dataset states. For agents that fill a model replay buffer directly
+        (`result.transitions()`), as the reference does every K gradient steps. `policy` defaults to the
+        env's policy handle."""
+        if rng is not None:
+            self._generator.manual_seed(int(rng.integers(0, 2**63 - 1)))
+        if start_obs is None:
+            start_obs = self.sample_start_obs(num_starts, rng, start_states)
+        plan_policy = as_policy(policy) if policy is not None else self._planning_policy()
+        return dydiff_rollout(self.bundle, start_obs, plan_policy, horizon=self.horizon,
+                              num_iterations=self.num_iterations, sampler=self.sampler, filter=self.filter,
+                              generator=self._generator, dynamics_mode=self.dynamics_mode)
+
+    def _generate_pool(self) -> None:
         count = int(np.ceil(self.pool_size / self.filter.keep_fraction)) if self.filter.mode != "none" else self.pool_size
-        pick = rows[self.np_random.integers(0, len(rows), size=count)]
-        result = self._rollout(torch.as_tensor(starts["observations"][pick], device=self.bundle.device), self.filter)
+        result = self._rollout(self.sample_start_obs(count), self.filter)
         kept = torch.nonzero(result.kept).flatten().cpu().numpy()
         self.np_random.shuffle(kept)
         self._pool = (result.select(torch.as_tensor(kept)), 0)

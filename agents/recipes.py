@@ -1,0 +1,114 @@
+"""What the example scripts share: the embedded default data, the DyDiff rollout source, and common flags.
+
+- `ensure_dataset(id)` loads a local Minari dataset and, for the ids `dydiff-env collect` knows
+  (dydiff/hopper/medium-v0, ...), collects it on first use with the shipped behaviour policy.
+- `dydiff_rollout_fn(env)` adapts a `DydiffEnv` to `OfflineTrainer`'s `rollout_fn`: every K gradient steps
+  the trainer hands over its current actor, which becomes the env's policy handle for one batched rollout
+  from dataset states; the filtered, termination-cut transitions go into the model buffer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dydiff_env.data import DatasetNotFoundError, OfflineData, load_dataset
+
+DEFAULT_DATASET = "dydiff/hopper/medium-v0"
+
+
+def ensure_dataset(dataset_id: str = DEFAULT_DATASET, seed: int = 0) -> OfflineData:
+    try:
+        return load_dataset(dataset_id)
+    except DatasetNotFoundError:
+        from dydiff_env.cli import COLLECT_PRESETS, main as cli_main
+
+        preset = next((name for name, p in COLLECT_PRESETS.items() if p.dataset_id == dataset_id), None)
+        if preset is None:
+            raise
+        print(f"[data] {dataset_id} not found locally: collecting it in the real simulator "
+              f"(`dydiff-env collect {preset}`), once")
+        if cli_main(["collect", preset, "--seed", str(seed)]) != 0:
+            raise RuntimeError(f"collecting {dataset_id} failed")
+        return load_dataset(dataset_id)
+
+
+def dydiff_rollout_fn(env) -> Callable:
+    """`OfflineTrainer` rollout source backed by a `DydiffEnv` (see the module docstring)."""
+
+    def rollout_fn(policy_fn: Callable, num_starts: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        result = env.rollout(num_starts, policy=_TorchCallable(policy_fn), rng=rng, start_states="any")
+        return result.transitions(kept_only=True)
+
+    return rollout_fn
+
+
+class _TorchCallable(torch.nn.Module):
+    """Marks an agent's actor function as torch-in/torch-out for `as_policy` (no numpy round trip)."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.fn(obs)
+
+
+def add_common_args(parser: argparse.ArgumentParser, steps: int, rollout_every: int, rollout_starts: int,
+                    eval_every: int) -> None:
+    parser.add_argument("--steps", type=int, default=steps, help="gradient steps (the paper uses 1M)")
+    parser.add_argument("--no-dydiff", action="store_true", help="same budget on real data only (the baseline)")
+    parser.add_argument("--dataset", default=DEFAULT_DATASET, help="Minari dataset id (collected on first use if known)")
+    parser.add_argument("--bundle", default=None, help="bundle directory (default: the shipped Hopper bundle)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--out", default=None, help="run directory (default: runs/<script>-<seed>[-nodydiff])")
+    parser.add_argument("--rollout-every", type=int, default=rollout_every, help="gradient steps between rollouts")
+    parser.add_argument("--rollout-starts", type=int, default=rollout_starts, help="start states per rollout")
+    parser.add_argument("--horizon", type=int, default=None, help="rollout horizon (default: the bundle's)")
+    parser.add_argument("--iterations", type=int, default=2, help="DyDiff iterations M (0 = single-step model)")
+    parser.add_argument("--sampler-steps", type=int, default=None, help="EDM sampler steps (default: the bundle's)")
+    parser.add_argument("--real-fraction", type=float, default=0.6)
+    parser.add_argument("--eval-every", type=int, default=eval_every)
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+
+def run_offline(name: str, make_agent: Callable[[OfflineData, str], object], args: argparse.Namespace) -> dict:
+    """Build data, env and trainer from the common flags, train, and print the real-simulator score."""
+    from dataclasses import replace
+
+    from dydiff_env.env import DydiffEnv
+
+    from .trainer import OfflineTrainer, TrainerConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = ensure_dataset(args.dataset, seed=args.seed)
+    rollout_fn = None
+    if not args.no_dydiff:
+        env = DydiffEnv(num_envs=1, bundle=args.bundle, task=data.env_id or "hopper", horizon=args.horizon,
+                        num_iterations=args.iterations, device=args.device)
+        if args.sampler_steps:
+            env.sampler = replace(env.sampler, num_steps=args.sampler_steps)
+        rollout_fn = dydiff_rollout_fn(env)
+    out = args.out or os.path.join("runs", f"{name}-seed{args.seed}{'-nodydiff' if args.no_dydiff else ''}")
+    config = TrainerConfig(total_steps=args.steps, real_fraction=args.real_fraction, rollout_every=args.rollout_every,
+                           rollout_starts=args.rollout_starts, eval_every=args.eval_every,
+                           eval_episodes=args.eval_episodes, seed=args.seed, device=args.device, out_dir=out,
+                           checkpoint_every=max(1, min(args.steps, 10_000)), overwrite=not args.resume)
+    torch.manual_seed(args.seed)
+    agent = make_agent(data, args.device)
+    summary = OfflineTrainer(agent, data, config, rollout_fn).train(resume=args.resume)
+    last, best = summary.get("last_eval") or {}, summary.get("best_eval") or {}
+    label = f"D4RL-normalised on {data.env_id}"
+    print(json.dumps({"run": out, "dydiff": not args.no_dydiff, "steps": args.steps,
+                      "last_score": last.get("normalized_mean"), "best_score": best.get("normalized_mean"),
+                      "last_return": last.get("mean"), "score_label": label}, indent=1))
+    return summary
