@@ -218,6 +218,11 @@ def load_bundle(path: str | os.PathLike, env_id: str | None = None, device: str 
     if meta["format_version"] > FORMAT_VERSION:
         raise BundleError(f"bundle {path} has format version {meta['format_version']}, newer than this dydiff-env "
                           f"reads ({FORMAT_VERSION}); upgrade with `pip install -U dydiff-env`")
+    if env_id is not None:
+        try:
+            get_task(env_id)
+        except ValueError as err:
+            raise BundleError(str(err)) from err
     if env_id is not None and get_task(env_id).env_id != meta["env_id"]:
         raise BundleError(f"bundle {path} models {meta['env_id']}, not {get_task(env_id).env_id}; "
                           "pass a bundle trained on a dataset of that env")

@@ -160,8 +160,9 @@ class Normalizer:
     def fit(cls, x: np.ndarray, eps: float = 1e-6) -> "Normalizer":
         x = np.asarray(x, dtype=np.float64)
         low, high = x.min(0), x.max(0)
-        # constant dimensions get a unit range so they map to 0 instead of dividing by zero
-        high = np.where(high - low < eps, low + 1.0, high)
+        # constant dimensions get a unit range centred on their value, so they map to 0 (no division by zero)
+        constant = high - low < eps
+        low, high = np.where(constant, low - 0.5, low), np.where(constant, high + 0.5, high)
         return cls(x.mean(0).astype(np.float32), np.maximum(x.std(0), eps).astype(np.float32),
                    low.astype(np.float32), high.astype(np.float32))
 

@@ -7,6 +7,7 @@ compares NaN as unhealthy too).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -70,6 +71,9 @@ def get_task(name_or_env_id: str) -> Task:
     """Look a task up by short name ("hopper"), env id ("Hopper-v5") or Minari id ("mujoco/hopper/medium-v0")."""
     key = name_or_env_id.lower()
     for task in TASKS.values():
-        if key in (task.name, task.env_id.lower()) or f"/{task.name}/" in f"/{key}/" or key.startswith(f"{task.name}-"):
+        if key in (task.name, task.env_id.lower()) or f"/{task.name}/" in f"/{key}/":
+            return task
+        # "hopper-medium" style names, but not another version of the env ("hopper-v4" is not Hopper-v5)
+        if key.startswith(f"{task.name}-") and not re.fullmatch(rf"{task.name}-v\d+", key):
             return task
     raise ValueError(f"unknown task '{name_or_env_id}'; known tasks: {sorted(TASKS)} ({[t.env_id for t in TASKS.values()]})")
