@@ -40,23 +40,14 @@ def ensure_dataset(dataset_id: str = DEFAULT_DATASET, seed: int = 0) -> OfflineD
 
 def dydiff_rollout_fn(env) -> Callable:
     """`OfflineTrainer` rollout source backed by a `DydiffEnv` (see the module docstring)."""
+    from dydiff_env.policies import as_policy
 
     def rollout_fn(policy_fn: Callable, num_starts: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        result = env.rollout(num_starts, policy=_TorchCallable(policy_fn), rng=rng, start_states="any")
+        # the agents' actor functions take and return tensors: no numpy round trip
+        result = env.rollout(num_starts, policy=as_policy(policy_fn, input="torch"), rng=rng, start_states="any")
         return result.transitions(kept_only=True)
 
     return rollout_fn
-
-
-class _TorchCallable(torch.nn.Module):
-    """Marks an agent's actor function as torch-in/torch-out for `as_policy` (no numpy round trip)."""
-
-    def __init__(self, fn: Callable):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.fn(obs)
 
 
 def add_common_args(parser: argparse.ArgumentParser, steps: int, rollout_every: int, rollout_starts: int,

@@ -52,6 +52,17 @@ SHIPPED_BUNDLES = Path(__file__).parent / "assets" / "bundles"
 INFO_KEYS = ("deviation", "disagreement", "plan_return", "replanned", "on_plan", "clipped_actions", "nonfinite")
 
 
+def parse_autoreset_mode(mode: AutoresetMode | str) -> AutoresetMode:
+    """An `AutoresetMode` from itself, its name ("SAME_STEP") or its value ("SameStep"), as documented."""
+    if isinstance(mode, AutoresetMode):
+        return mode
+    for member in AutoresetMode:
+        if isinstance(mode, str) and mode.lower() in (member.name.lower(), member.value.lower()):
+            return member
+    raise ValueError(f"autoreset_mode must be one of {[m.name for m in AutoresetMode]} (or an AutoresetMode), "
+                     f"got {mode!r}")
+
+
 def shipped_bundle_path(task: str) -> Path:
     return SHIPPED_BUNDLES / task
 
@@ -85,7 +96,8 @@ class DydiffEnv(gym.vector.VectorEnv):
         num_iterations: DyDiff refinement rounds M (0 = single-step ensemble only).
         sampler: EDM sampler settings (a `SamplerConfig` or a dict; default: the bundle's).
         filter / keep_fraction / temperature: the pool filter ("hardmax", "softmax", "none").
-        pool_size: kept plans per pool generation (default max(num_envs, 64)).
+        pool_size: kept plans per pool generation (default max(num_envs, 16): small enough that the first
+            reset of a single env is quick on a CPU; larger pools amortise nothing, the cost is per plan).
         refresh_every: regenerate the pool after this many served steps (None: when used up or on set_policy).
         max_episode_steps: truncation limit (the real Hopper-v5 uses 1000).
         start_states: reset from "episode_starts" of the dataset or from "any" dataset state.
@@ -124,7 +136,7 @@ class DydiffEnv(gym.vector.VectorEnv):
         real.close()
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
-        self.autoreset_mode = AutoresetMode(autoreset_mode) if isinstance(autoreset_mode, str) else autoreset_mode
+        self.autoreset_mode = parse_autoreset_mode(autoreset_mode)
         self.metadata = {"autoreset_mode": self.autoreset_mode, "render_modes": []}
         self.render_mode = None
 
@@ -133,7 +145,7 @@ class DydiffEnv(gym.vector.VectorEnv):
         self.num_iterations = num_iterations
         self.sampler = SamplerConfig(**sampler) if isinstance(sampler, dict) else (sampler or self.bundle.config.sampler)
         self.filter = FilterConfig(filter, keep_fraction, temperature)
-        self.pool_size = pool_size or max(self.num_envs, 64)
+        self.pool_size = pool_size or max(self.num_envs, 16)
         self.refresh_every = refresh_every
         self.max_episode_steps = max_episode_steps
         self.start_states = start_states
@@ -159,6 +171,7 @@ class DydiffEnv(gym.vector.VectorEnv):
         self._plan_rewards = torch.zeros(n, h, device=dev)
         self._plan_len = torch.zeros(n, dtype=torch.long)  # valid transitions in each plan
         self._plan_return = torch.zeros(n, device=dev)
+        self._plan_disagreement = torch.zeros(n, h, device=dev)
         self._t = torch.zeros(n, dtype=torch.long)
         self._x = torch.zeros(n, d, device=dev)  # current observation (float32)
         self._on_plan = torch.ones(n, dtype=torch.bool)
@@ -238,6 +251,7 @@ class DydiffEnv(gym.vector.VectorEnv):
         # a plan ends after its last valid transition (its predicted termination or the horizon)
         self._plan_len[ids] = plans.valid[idx].sum(1).cpu()
         self._plan_return[ids] = plans.returns[idx]
+        self._plan_disagreement[ids] = plans.disagreement[idx]
         self._t[ids] = 0
         self._x[ids] = obs[:, 0]
         self._on_plan[ids] = True
@@ -296,6 +310,28 @@ class DydiffEnv(gym.vector.VectorEnv):
             infos["_plan_return"][env_ids] = True
         return self._observations(), infos
 
+    def reset_to(self, start_obs: torch.Tensor | np.ndarray, *, seed: int | None = None):
+        """Start every sub-env at the given observations (num_envs, obs_dim) instead of dataset states, each
+        with a fresh plan from its start (the policy handle, no filter). Returns (obs, infos) like `reset`.
+        For evaluations that compare the env with the real simulator from the same states."""
+        start = torch.as_tensor(np.asarray(start_obs) if not isinstance(start_obs, torch.Tensor) else start_obs,
+                                dtype=torch.float32).to(self.bundle.device)
+        if start.shape != (self.num_envs, self.bundle.obs_dim):
+            raise ValueError(f"start_obs must have shape ({self.num_envs}, {self.bundle.obs_dim}), got {tuple(start.shape)}")
+        if not torch.isfinite(start).all():
+            raise ValueError("start_obs contains NaN or inf")
+        if seed is not None:
+            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
+        self._generator.manual_seed(int(self.np_random.integers(0, 2**63 - 1)))
+        env_ids = np.arange(self.num_envs)
+        self._assign(env_ids, self._rollout(start, FilterConfig("none")))
+        self._elapsed[env_ids] = 0
+        self._needs_reset[env_ids] = False
+        self._started = True
+        infos = {"plan_return": self._plan_return.cpu().numpy().astype(np.float64),
+                 "_plan_return": np.ones(self.num_envs, dtype=bool)}
+        return self._observations(), infos
+
     def _observations(self) -> np.ndarray:
         return self._x.cpu().numpy().astype(self._obs_dtype, copy=True)
 
@@ -350,18 +386,29 @@ class DydiffEnv(gym.vector.VectorEnv):
             infos[key] = info_values[key]
             infos[f"_{key}"] = ~reset_now
         if self.autoreset_mode == AutoresetMode.SAME_STEP and done.any():
+            # as Gymnasium's SyncVectorEnv: the step's info goes to final_info, the reset's info takes its place
             done_ids = np.flatnonzero(done)
             final_obs = np.full(n, None, dtype=object)
             for i in done_ids:
                 final_obs[i] = obs[i].copy()
-            infos["final_obs"], infos["_final_obs"] = final_obs, done.copy()
-            infos["final_info"] = {k: v.copy() for k, v in infos.items() if not k.startswith("final")}
-            infos["_final_info"] = done.copy()
+            final_info = {k: v.copy() for k, v in infos.items()}
+            for key in INFO_KEYS:
+                final_info[f"_{key}"] &= done
+                infos[f"_{key}"] &= ~done
             self._start_episodes(done_ids)
             obs = self._observations()
+            self._add_reset_info(infos, done_ids)
+            infos["final_obs"], infos["_final_obs"] = final_obs, done.copy()
+            infos["final_info"], infos["_final_info"] = final_info, done.copy()
         else:
             self._needs_reset |= done
+        if reset_now.any():  # NEXT_STEP: the reset sub-envs report their reset info
+            self._add_reset_info(infos, np.flatnonzero(reset_now))
         return obs, rewards, terminated, truncated, infos
+
+    def _add_reset_info(self, infos: dict, env_ids: np.ndarray) -> None:
+        infos["plan_return"][env_ids] = self._plan_return[torch.as_tensor(env_ids)].cpu().numpy()
+        infos["_plan_return"][env_ids] = True
 
     @torch.no_grad()
     def _advance(self, ids: np.ndarray, act: torch.Tensor, rewards, terminated, truncated, info_values) -> None:
@@ -374,15 +421,16 @@ class DydiffEnv(gym.vector.VectorEnv):
         exact = self._on_plan[tid] & ((a - plan_a).abs().amax(1) <= self.action_tolerance).cpu()
         next_obs = plan_next.clone()
         reward = self._plan_rewards[tid, t].clone()
+        disagreement = self._plan_disagreement[tid, t].clone()  # on plan: the rollout's own figure
         off = torch.nonzero(~exact).flatten()
         if len(off):
             both_s = torch.cat([x[off], plan_s[off]])
             both_a = torch.cat([a[off], plan_a[off]])
-            pred, _ = self.bundle.dynamics.predict(both_s, both_a, mode="mean")
+            pred, spread = self.bundle.dynamics.predict(both_s, both_a, mode="mean")
             response = pred[: len(off)] - pred[len(off):]
             next_obs[off] = plan_next[off] + response
             reward[off] = self.bundle.reward(x[off], a[off])
-        _, disagreement = self.bundle.dynamics.predict(x, a, mode="mean")
+            disagreement[off] = spread[: len(off)]
         deviation = ((next_obs - plan_next) / self.obs_std).pow(2).mean(1).sqrt()
         finite = torch.isfinite(next_obs).all(1) & torch.isfinite(reward)
         term = torch.as_tensor(self.task.terminated(next_obs)) & finite

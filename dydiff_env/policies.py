@@ -27,13 +27,22 @@ def _to_tensor(actions: Any, like: torch.Tensor) -> torch.Tensor:
 
 
 def as_policy(obj: Any, input: str = "auto") -> TorchPolicy:
-    """Adapt `obj` to a torch batch policy (see the module docstring). Raises TypeError for anything else."""
+    """Adapt `obj` to a torch batch policy (see the module docstring). Raises TypeError for anything else.
+    Adapting an adapted policy returns it unchanged."""
+    policy = _adapt(obj, input)
+    policy._dydiff_torch_policy = True
+    return policy
+
+
+def _adapt(obj: Any, input: str) -> TorchPolicy:
     if input not in ("auto", "numpy", "torch"):
         raise ValueError(f"input must be 'auto', 'numpy' or 'torch', got '{input}'")
     if obj is None:
         raise TypeError("policy is None")
+    if getattr(obj, "_dydiff_torch_policy", False):  # already adapted
+        return obj
     if hasattr(obj, "actor_fn"):  # agents of this project
-        return as_policy(obj.actor_fn(), input="torch")
+        return _adapt(obj.actor_fn(), input="torch")
     if hasattr(obj, "predict") and any(c.__module__.startswith("stable_baselines3") for c in type(obj).__mro__):
         def sb3_policy(obs: torch.Tensor) -> torch.Tensor:
             actions, _ = obj.predict(obs.detach().cpu().numpy(), deterministic=True)
@@ -59,6 +68,8 @@ def as_policy(obj: Any, input: str = "auto") -> TorchPolicy:
 
 
 def _tianshou_policy(obj: Any) -> TorchPolicy | None:
+    if not any((getattr(c, "__module__", None) or "").startswith("tianshou") for c in type(obj).__mro__):
+        return None  # not a Tianshou object: skip importing tianshou (seconds, it pulls in tensorboard)
     try:
         from tianshou.algorithm.algorithm_base import Algorithm, Policy
         from tianshou.data import Batch

@@ -1,0 +1,316 @@
+#!/usr/bin/env python
+"""Throughput of DyDiff rollouts and of the DydiffEnv, next to the real simulator, in one run.
+
+    python benchmarks/throughput.py --bundle DIR [--threads 1] [--steps 200] [--quick] [--out FILE]
+
+Measured (transitions per second, wall clock, single process, torch on `--threads` intra-op threads):
+
+- `dydiff_rollout` on a batch of dataset start states (`--batch`, default 256) with the bundle's
+  behaviour-cloning policy: M=2 with the bundle's sampler, M=2 with a 10-step sampler, and M=0 (single-step
+  ensemble only). "generated" counts every row (batch x horizon), "kept" only the valid steps of the
+  trajectories the default hardmax filter keeps (what a replay buffer would receive).
+- `DydiffEnv.step` with num_envs 1, 64, 256 (env calls only: the agent's action computation is not timed),
+  in two agent modes:
+    - `off_plan`: uniform random actions, the bundle's BC policy plans. Every step is off plan (model
+      prediction for the response, re-plans when the deviation exceeds the threshold): the expensive case.
+    - `on_plan`: the env plans with a fixed tanh-linear policy and the agent acts with that same policy, so
+      steps are served from the plans; the cost is plan generation (pool and re-plans at plan ends).
+  "total" is reset (the first pool generation) plus `--steps` steps; "steady" is the next `--steps` steps
+  (autoresets and pool refreshes included as they occur).
+- the real env (`gymnasium.vector.SyncVectorEnv` of the bundle's MuJoCo env, random actions) with the same
+  num_envs, timed the same way; DydiffEnv ratios are against it. Rollout ratios are against the real env's
+  highest steady throughput in this run.
+
+Memory: for every measurement, `peak_mib` is the largest resident set size (RSS, sampled from
+/proc/self/statm every 5 ms by a background thread) above the RSS at its start, and `maxrss_delta_mib` is the
+growth of the process high-water mark `resource.getrusage(RUSAGE_SELF).ru_maxrss` during it (0 when it stayed
+under an earlier peak of this process, so read it as a lower bound). Both include torch and MuJoCo memory.
+
+Writes a markdown table to stdout and all numbers (with the settings and machine) to `--out` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "throughput.json"
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+
+def _rss_mib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):  # not Linux: fall back to the high-water mark
+        return _maxrss_mib()
+
+
+def _maxrss_mib() -> float:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2**20 if sys.platform == "darwin" else kib / 2**10  # bytes on macOS, KiB on Linux
+
+
+class PeakMemory:
+    """Context manager: peak RSS above the starting RSS (sampled) and the ru_maxrss growth, both in MiB."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.peak_mib = 0.0
+        self.maxrss_delta_mib = 0.0
+
+    def _sample(self):
+        while not self._stop.wait(self.interval_s):
+            self._peak = max(self._peak, _rss_mib())
+
+    def __enter__(self):
+        self._start, self._maxrss = _rss_mib(), _maxrss_mib()
+        self._peak = self._start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _rss_mib())
+        self.peak_mib = round(self._peak - self._start, 1)
+        self.maxrss_delta_mib = round(_maxrss_mib() - self._maxrss, 1)
+        return False
+
+
+# ------------------------------------------------------------------------------------------- measurements
+
+
+def linear_policy(obs_dim: int, act_dim: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(obs_dim, act_dim), torch.nn.Tanh()).requires_grad_(False)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return net
+
+
+def bench_rollout(bundle, label: str, num_iterations: int, sampler, batch: int, seed: int = 0) -> dict:
+    import torch
+
+    from dydiff_env import behaviour_policy, dydiff_rollout
+
+    starts = bundle.start_states["observations"]
+    rng = np.random.default_rng(seed)
+    s0 = torch.as_tensor(starts[rng.integers(0, len(starts), size=batch)])
+    gen = torch.Generator().manual_seed(seed)
+    policy = behaviour_policy(bundle, gen)
+    window = bundle.diffusion.horizon
+    horizon = max(1, 3 * window // 4)
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        result = dydiff_rollout(bundle, s0, policy, horizon=horizon, num_iterations=num_iterations, sampler=sampler,
+                                generator=gen)
+        seconds = time.perf_counter() - t0
+    generated = batch * horizon
+    kept = int((result.valid & result.kept[:, None]).sum())
+    return {"label": label, "num_iterations": num_iterations, "sampler_steps": sampler.num_steps, "batch": batch,
+            "horizon": horizon, "seconds": seconds, "generated_per_s": generated / seconds,
+            "kept_per_s": kept / seconds, "kept_transitions": kept, "peak_mib": mem.peak_mib,
+            "maxrss_delta_mib": mem.maxrss_delta_mib}
+
+
+def _timed_steps(env, steps: int, next_actions) -> tuple[float, np.ndarray]:
+    obs = None
+    elapsed = 0.0
+    for _ in range(steps):
+        actions = next_actions()
+        t0 = time.perf_counter()
+        obs, *_ = env.step(actions)
+        elapsed += time.perf_counter() - t0
+        next_actions.obs = obs
+    return elapsed, obs
+
+
+class _Actions:
+    """The agent: random actions, or the planning policy on the last observation (untimed)."""
+
+    def __init__(self, num_envs: int, act_dim: int, policy=None, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.shape = (num_envs, act_dim)
+        self.policy = policy
+        self.obs = None
+
+    def __call__(self) -> np.ndarray:
+        if self.policy is None:
+            return self.rng.uniform(-1.0, 1.0, self.shape).astype(np.float32)
+        import torch
+
+        with torch.no_grad():
+            return self.policy(torch.as_tensor(self.obs, dtype=torch.float32)).numpy()
+
+
+def bench_env(bundle, num_envs: int, mode: str, steps: int, seed: int = 0) -> dict:
+    from dydiff_env import DydiffEnv
+
+    with PeakMemory() as mem:
+        env = DydiffEnv(num_envs, bundle=bundle, task=bundle.task.name)
+        policy = None
+        if mode == "on_plan":
+            policy = linear_policy(bundle.obs_dim, bundle.act_dim, seed)
+            env.set_policy(policy)
+        agent = _Actions(num_envs, bundle.act_dim, policy, seed)
+        t0 = time.perf_counter()
+        agent.obs, _ = env.reset(seed=seed)
+        reset_s = time.perf_counter() - t0
+        first_s, _ = _timed_steps(env, steps, agent)
+        steady_s, _ = _timed_steps(env, steps, agent)
+        stats = dict(env.stats)
+        env.close()
+    n = num_envs * steps
+    return {"num_envs": num_envs, "mode": mode, "steps": steps, "reset_s": reset_s, "total_s": reset_s + first_s,
+            "steady_s": steady_s, "total_per_s": n / (reset_s + first_s), "steady_per_s": n / steady_s,
+            "stats": stats, "peak_mib": mem.peak_mib, "maxrss_delta_mib": mem.maxrss_delta_mib}
+
+
+def bench_real(env_id: str, num_envs: int, steps: int, seed: int = 0) -> dict:
+    import gymnasium as gym
+
+    with PeakMemory() as mem:
+        env = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(num_envs)])
+        env.action_space.seed(seed)
+        agent = _Actions(num_envs, env.single_action_space.shape[0], None, seed)
+        t0 = time.perf_counter()
+        env.reset(seed=seed)
+        reset_s = time.perf_counter() - t0
+        first_s, _ = _timed_steps(env, steps, agent)
+        steady_s, _ = _timed_steps(env, steps, agent)
+        env.close()
+    n = num_envs * steps
+    return {"num_envs": num_envs, "env_id": env_id, "steps": steps, "reset_s": reset_s, "total_s": reset_s + first_s,
+            "steady_s": steady_s, "total_per_s": n / (reset_s + first_s), "steady_per_s": n / steady_s,
+            "peak_mib": mem.peak_mib, "maxrss_delta_mib": mem.maxrss_delta_mib}
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _fmt(x: float) -> str:
+    if x >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.3g}"
+
+
+def markdown(results: dict) -> str:
+    m = results["meta"]
+    lines = [f"## DyDiff throughput ({m['env_id']}, bundle `{m['bundle']}`, {m['threads']} torch thread(s), "
+             f"{m['cpu_count']} CPUs, {'quick' if m['quick'] else 'full'} run)", ""]
+    real_best = max(r["steady_per_s"] for r in results["real"])
+    lines += ["### dydiff_rollout", "",
+              "| rollout | M | sampler steps | batch x horizon | seconds | generated/s | kept/s | x real | peak MiB |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rollout"]:
+        lines.append(f"| {r['label']} | {r['num_iterations']} | {r['sampler_steps'] if r['num_iterations'] else '-'} | "
+                     f"{r['batch']} x {r['horizon']} | {r['seconds']:.2f} | {_fmt(r['generated_per_s'])} | "
+                     f"{_fmt(r['kept_per_s'])} | {r['generated_per_s'] / real_best:.3g} | {r['peak_mib']} |")
+    lines += ["", f"x real: generated/s over the real env's best steady throughput in this run ({_fmt(real_best)}/s).",
+              "", "### DydiffEnv.step vs the real env (SyncVectorEnv)", "",
+              "| num_envs | agent | total/s (reset + steps) | steady/s | real total/s | real steady/s | "
+              "x real total | x real steady | replans | pools | peak MiB (real) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    real = {r["num_envs"]: r for r in results["real"]}
+    for r in results["env"]:
+        q = real[r["num_envs"]]
+        lines.append(f"| {r['num_envs']} | {r['mode']} | {_fmt(r['total_per_s'])} | {_fmt(r['steady_per_s'])} | "
+                     f"{_fmt(q['total_per_s'])} | {_fmt(q['steady_per_s'])} | {r['total_per_s'] / q['total_per_s']:.3g} | "
+                     f"{r['steady_per_s'] / q['steady_per_s']:.3g} | {r['stats']['replans']} | "
+                     f"{r['stats']['pool_generations']} | {r['peak_mib']} ({q['peak_mib']}) |")
+    lines += ["", f"{m['steps']} steps per block; transitions/s = num_envs x steps / seconds of env calls. "
+              "Peak MiB: sampled RSS peak above the RSS at the start of the measurement (JSON also has the "
+              "ru_maxrss growth)."]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", help="bundle directory (default: the bundle shipped for hopper, if any)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--steps", type=int, default=None, help="env steps per timed block (default 200; --quick: 5)")
+    p.add_argument("--batch", type=int, default=None, help="rollout batch size (default 256; --quick: 8)")
+    p.add_argument("--num-envs", type=int, nargs="+", default=None, help="env sizes (default 1 64 256; --quick: 1 4)")
+    p.add_argument("--quick", action="store_true", help="a few seconds: tiny batch, few steps, small env sizes")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.steps = args.steps or (5 if args.quick else 200)
+    args.batch = args.batch or (8 if args.quick else 256)
+    args.num_envs = args.num_envs or ([1, 4] if args.quick else [1, 64, 256])
+    if args.threads < 1 or args.steps < 1 or args.batch < 1 or min(args.num_envs) < 1:
+        p.error("--threads, --steps, --batch and --num-envs must be positive")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from dydiff_env import load_bundle, shipped_bundle_path
+
+    bundle_path = Path(args.bundle) if args.bundle else shipped_bundle_path("hopper")
+    if args.bundle is None and not (bundle_path / "config.json").is_file():
+        sys.exit("no bundle ships for hopper in this installation; pass --bundle DIR (see `dydiff-env train`)")
+    bundle = load_bundle(bundle_path, require=("dynamics", "reward", "bc", "diffusion"))
+    sampler = bundle.config.sampler
+    sampler10 = dataclasses.replace(sampler, num_steps=10)
+
+    # warm-up: lazy torch/MuJoCo initialisation is not part of any measurement
+    from dydiff_env import behaviour_policy, dydiff_rollout
+
+    dydiff_rollout(bundle, bundle.start_states["observations"][:2], behaviour_policy(bundle), horizon=1,
+                   num_iterations=1, sampler=dataclasses.replace(sampler, num_steps=1))
+
+    t_start = time.perf_counter()
+    results = {"meta": {
+        "bundle": str(bundle_path), "env_id": bundle.task.env_id, "dataset_id": bundle.meta.get("dataset_id"),
+        "diffusion_window": bundle.diffusion.horizon, "sampler_steps": sampler.num_steps,
+        "threads": args.threads, "steps": args.steps, "batch": args.batch, "num_envs": args.num_envs,
+        "quick": args.quick, "seed": args.seed, "torch": torch.__version__, "python": platform.python_version(),
+        "machine": platform.machine(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "memory_note": "peak_mib: sampled RSS peak above the RSS at the start of the measurement; "
+                       "maxrss_delta_mib: growth of getrusage ru_maxrss during it (lower bound)"}}
+    results["rollout"] = [
+        bench_rollout(bundle, f"M=2, bundle sampler ({sampler.num_steps} steps)", 2, sampler, args.batch, args.seed),
+        bench_rollout(bundle, "M=2, 10-step sampler", 2, sampler10, args.batch, args.seed),
+        bench_rollout(bundle, "M=0 (single-step ensemble)", 0, sampler, args.batch, args.seed),
+    ]
+    results["real"] = [bench_real(bundle.task.env_id, n, args.steps, args.seed) for n in args.num_envs]
+    results["env"] = [bench_env(bundle, n, mode, args.steps, args.seed)
+                      for n in args.num_envs for mode in ("off_plan", "on_plan")]
+    results["meta"]["wall_s"] = time.perf_counter() - t_start
+
+    print(markdown(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    print(f"\nwrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Smoke test of benchmarks/throughput.py: its quick mode runs end to end on the tiny bundle (a few seconds),
+prints the markdown table and writes a complete JSON. The numbers themselves are not checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("dydiff_benchmark_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_quick(tiny_bundle, tmp_path, capsys):
+    bench = _load_script()
+    out = tmp_path / "results" / "throughput.json"
+    results = bench.main(["--bundle", str(tiny_bundle), "--quick", "--steps", "2", "--batch", "4",
+                          "--num-envs", "1", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "| rollout |" in printed and "| num_envs |" in printed and str(out) in printed
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["quick"] is True and saved["meta"]["threads"] == 1
+    assert [r["num_iterations"] for r in saved["rollout"]] == [2, 2, 0]
+    assert saved["rollout"][1]["sampler_steps"] == 10
+    assert [(r["num_envs"], r["mode"]) for r in saved["env"]] == [(1, "off_plan"), (1, "on_plan"),
+                                                                  (2, "off_plan"), (2, "on_plan")]
+    assert [r["num_envs"] for r in saved["real"]] == [1, 2]
+    for row in saved["rollout"] + saved["env"] + saved["real"]:
+        for key in ("peak_mib", "maxrss_delta_mib"):
+            assert row[key] >= 0
+    for row in saved["env"] + saved["real"]:
+        assert row["total_per_s"] > 0 and row["steady_per_s"] > 0
+    assert results["meta"]["env_id"] == "Hopper-v5"
+
+
+def test_throughput_defaults():
+    bench = _load_script()
+    args = bench.parse_args([])
+    assert (args.steps, args.batch, args.num_envs, args.threads) == (200, 256, [1, 64, 256], 1)
+    assert args.out == bench.DEFAULT_OUT and args.out.name == "throughput.json"
+    quick = bench.parse_args(["--quick"])
+    assert (quick.steps, quick.batch, quick.num_envs) == (5, 8, [1, 4])

@@ -1,0 +1,530 @@
+"""DydiffEnv / Dydiff-hopper-v0: Gymnasium contracts (single and vector), autoreset modes, truncation, seeding,
+bit-exact plan serving, the off-plan response, deviation handling, input validation, policy handles, bundle
+errors and the no-NaN guarantee. All on the session's `tiny_bundle`, with small plan pools (pool_size=8)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from gymnasium.utils.seeding import np_random
+from gymnasium.vector import AutoresetMode
+
+import dydiff_env
+from dydiff_env import BundleError, DydiffEnv, FilterConfig, PolicyError, as_policy, dydiff_rollout, load_bundle
+from dydiff_env.env import INFO_KEYS, shipped_bundle_path
+
+ENV_ID = "Dydiff-hopper-v0"
+FAST = dict(pool_size=8)  # small pools: a reset generates ceil(8 / 0.6) = 14 DyDiff trajectories
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle):
+    """A loaded bundle shared by the envs of this module (read-only; tests that patch models load their own)."""
+    return load_bundle(tiny_bundle)
+
+
+def make_vec(bundle, num_envs=4, **kwargs):
+    return gym.make_vec(ENV_ID, num_envs=num_envs, vectorization_mode="vector_entry_point", bundle=bundle,
+                        **{**FAST, **kwargs})
+
+
+def fixed_policy(seed: int = 0) -> torch.nn.Module:
+    """A deterministic torch policy: a fixed random Linear layer followed by tanh."""
+    net = torch.nn.Sequential(torch.nn.Linear(11, 3), torch.nn.Tanh()).requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    for p in net.parameters():
+        p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return net
+
+
+def act_with(policy: torch.nn.Module, obs: np.ndarray) -> np.ndarray:
+    """What an agent does: call the policy on the (float64) observation batch it was given."""
+    with torch.no_grad():
+        return policy(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+
+
+def start_rows(bundle) -> np.ndarray:
+    return bundle.start_states["observations"]
+
+
+def is_start_state(bundle, obs: np.ndarray) -> bool:
+    return bool((start_rows(bundle) == obs.astype(np.float32)).all(1).any())
+
+
+# ------------------------------------------------------------------------------------------------- contracts
+
+
+def test_check_env(tiny_bundle):
+    env = gym.make(ENV_ID, bundle=tiny_bundle, **FAST)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*infinity.*")  # Hopper's observation space is unbounded
+        check_env(env.unwrapped, skip_render_check=True)
+
+
+def test_make_with_module_prefix(tiny_bundle):
+    env = gym.make("dydiff_env:Dydiff-hopper-v0", bundle=tiny_bundle, **FAST)
+    assert env.spec.max_episode_steps == 1000  # a TimeLimit like the real Hopper-v5
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (11,) and "plan_return" in info
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    assert isinstance(reward, float) and isinstance(terminated, bool) and isinstance(truncated, bool)
+    assert set(INFO_KEYS) <= set(info)
+    env.close()
+
+
+def test_spaces_match_real_hopper(bundle):
+    real = gym.make("Hopper-v5")
+    single = gym.make(ENV_ID, bundle=bundle, **FAST)
+    venv = make_vec(bundle, num_envs=4)
+    for obs_space, act_space in [(single.observation_space, single.action_space),
+                                 (venv.single_observation_space, venv.single_action_space)]:
+        assert obs_space == real.observation_space
+        assert act_space == real.action_space
+        assert obs_space.dtype == np.float64 and obs_space.shape == (11,)
+        assert act_space.dtype == np.float32 and act_space.shape == (3,)
+        assert (act_space.low == -1).all() and (act_space.high == 1).all()
+    assert venv.observation_space.shape == (4, 11) and venv.action_space.shape == (4, 3)
+    real.close()
+
+
+def test_vector_contract(bundle):
+    env = make_vec(bundle, num_envs=4)
+    assert isinstance(env, DydiffEnv) and env.num_envs == 4
+    assert env.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (4, 11) and obs.dtype == np.float64 and obs in env.observation_space
+    for _ in range(3):
+        obs, rewards, terminated, truncated, info = env.step(env.action_space.sample())
+        assert obs.shape == (4, 11) and obs.dtype == np.float64 and np.isfinite(obs).all()
+        assert rewards.shape == (4,) and rewards.dtype == np.float64
+        assert terminated.shape == (4,) and terminated.dtype == np.bool_
+        assert truncated.shape == (4,) and truncated.dtype == np.bool_
+        assert set(INFO_KEYS) <= set(info)
+        for key, value in info.items():
+            if key.startswith("_"):
+                continue
+            assert isinstance(value, np.ndarray) and value.shape[0] == 4, key
+            mask = info[f"_{key}"]
+            assert mask.dtype == np.bool_ and mask.shape == (4,), key
+    env.close()
+
+
+# ------------------------------------------------------------------------------------------------ autoreset
+
+
+def test_autoreset_next_step(bundle):
+    # max_episode_steps=1: every step ends every episode, so the following step is the reset step
+    env, twin = make_vec(bundle, 3, max_episode_steps=1), make_vec(bundle, 3, max_episode_steps=1)
+    env.reset(seed=1)
+    twin.reset(seed=1)
+    a = np.zeros((3, 3), np.float32)
+    _, _, terminated, truncated, _ = env.step(a)
+    twin.step(a)
+    assert (terminated | truncated).all()
+    obs, rewards, terminated, truncated, info = env.step(np.full((3, 3), 0.5, np.float32))
+    twin_obs, twin_rewards, *_ = twin.step(np.full((3, 3), -0.9, np.float32))
+    assert all(is_start_state(bundle, o) for o in obs), "the reset step returns a fresh plan's s_0"
+    assert np.array_equal(obs, twin_obs) and np.array_equal(rewards, twin_rewards), "the action is ignored"
+    assert (rewards == 0).all() and not terminated.any() and not truncated.any()
+    for key in INFO_KEYS:
+        if key != "plan_return":
+            assert not info[f"_{key}"].any(), key
+    # like a reset's info, the reset step reports the new plans' predicted returns
+    assert info["_plan_return"].all()
+    assert np.array_equal(info["plan_return"], env._plan_return.numpy().astype(np.float64))
+    # and the episode after it runs normally
+    obs, rewards, terminated, truncated, info = env.step(a)
+    assert info["_deviation"].all() and (terminated | truncated).all()
+
+
+def test_autoreset_same_step(bundle):
+    same = make_vec(bundle, 3, max_episode_steps=1, autoreset_mode=AutoresetMode.SAME_STEP)
+    nxt = make_vec(bundle, 3, max_episode_steps=1)  # NEXT_STEP twin with the same seed and plans
+    assert same.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+    same.reset(seed=2)
+    nxt.reset(seed=2)
+    a = np.full((3, 3), 0.1, np.float32)
+    obs, rewards, terminated, truncated, info = same.step(a)
+    final_obs, nxt_rewards, nxt_term, nxt_trunc, _ = nxt.step(a)
+    done = terminated | truncated
+    assert done.all()
+    assert np.array_equal(rewards, nxt_rewards) and np.array_equal(terminated, nxt_term)
+    assert np.array_equal(info["_final_obs"], done) and np.array_equal(info["_final_info"], done)
+    for i in range(3):
+        assert np.array_equal(info["final_obs"][i], final_obs[i]), "final_obs holds the terminal observation"
+    assert "deviation" in info["final_info"] and info["final_info"]["_deviation"].all()
+    # the step's own info moved to final_info; the main info holds the reset's (the new plans' returns)
+    assert not info["_deviation"].any() and info["_plan_return"].all()
+    # the returned observations are already the next episodes' starts: what NEXT_STEP returns one step later
+    reset_obs, *_ = nxt.step(a)
+    assert np.array_equal(obs, reset_obs)
+    assert all(is_start_state(bundle, o) for o in obs)
+
+
+def test_autoreset_disabled_and_reset_mask(bundle):
+    env = make_vec(bundle, 4, max_episode_steps=1, autoreset_mode="Disabled")
+    with pytest.raises(ValueError, match="first reset"):
+        env.reset(seed=0, options={"reset_mask": np.array([True, False, True, False])})
+    obs0, _ = env.reset(seed=0)
+    mask = np.array([True, False, True, False])
+    obs1, info = env.reset(options={"reset_mask": mask})
+    assert np.array_equal(obs1[~mask], obs0[~mask]), "unmasked sub-envs keep their observation"
+    assert not np.array_equal(obs1[mask], obs0[mask])
+    assert np.array_equal(info["_plan_return"], mask)
+    with pytest.raises(ValueError, match="reset_mask"):
+        env.reset(options={"reset_mask": np.array([1, 0, 1, 0])})
+    _, _, terminated, truncated, _ = env.step(np.zeros((4, 3)))
+    assert (terminated | truncated).all()
+    with pytest.raises(RuntimeError, match="reset_mask"):
+        env.step(np.zeros((4, 3)))
+    env.reset(options={"reset_mask": np.array([True, True, False, False])})
+    with pytest.raises(RuntimeError, match=r"\[2, 3\]"):
+        env.step(np.zeros((4, 3)))
+    env.reset(options={"reset_mask": np.array([False, False, True, True])})
+    obs, *_ = env.step(np.zeros((4, 3)))
+    assert np.isfinite(obs).all()
+
+
+def test_autoreset_mode_by_enum_name(bundle):
+    env = DydiffEnv(2, bundle=bundle, autoreset_mode="SAME_STEP", **FAST)
+    assert env.autoreset_mode == AutoresetMode.SAME_STEP
+
+
+# ------------------------------------------------------------------------------------------ truncation, seeds
+
+
+def test_vector_truncation_at_max_episode_steps(bundle):
+    env = make_vec(bundle, 4, max_episode_steps=5)
+    assert env.max_episode_steps == 5
+    env.reset(seed=0)
+    elapsed = np.zeros(4, int)
+    needs_reset = np.zeros(4, bool)
+    seen_truncation = False
+    for _ in range(8):
+        _, _, terminated, truncated, info = env.step(env.action_space.sample())
+        elapsed = np.where(needs_reset, 0, elapsed + 1)
+        # nothing else truncates here: plan ends and deviations re-plan, the tiny models stay finite
+        assert np.array_equal(truncated, elapsed == 5), (elapsed, truncated)
+        seen_truncation |= truncated.any()
+        needs_reset = terminated | truncated
+    assert seen_truncation
+
+
+def test_single_env_time_limit(bundle):
+    env = gym.make(ENV_ID, bundle=bundle, max_episode_steps=3, **FAST)
+    assert env.spec.max_episode_steps == 3
+    for seed in range(10):
+        env.reset(seed=seed)
+        for t in range(1, 4):
+            _, _, terminated, truncated, _ = env.step(np.zeros(3, np.float32))
+            if terminated:
+                break
+            assert truncated == (t == 3)
+        else:
+            return
+    pytest.fail("every episode terminated within 3 steps")
+
+
+def test_seeding(bundle):
+    a, b, c = make_vec(bundle), make_vec(bundle), make_vec(bundle)
+    obs_a, _ = a.reset(seed=3)
+    obs_b, _ = b.reset(seed=3)
+    obs_c, _ = c.reset(seed=4)
+    assert np.array_equal(obs_a, obs_b) and not np.array_equal(obs_a, obs_c)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        actions = rng.uniform(-1, 1, (4, 3)).astype(np.float32)
+        step_a, step_b, step_c = a.step(actions), b.step(actions), c.step(actions)
+        for x, y in zip(step_a[:4], step_b[:4]):
+            assert np.array_equal(x, y)
+        assert not np.array_equal(step_a[0], step_c[0])
+    # re-seeding reproduces the first episode
+    again, _ = a.reset(seed=3)
+    assert np.array_equal(again, obs_a)
+
+
+# -------------------------------------------------------------------------------------------------- exactness
+
+
+def replay_pool(env: DydiffEnv, seed: int, policy):
+    """The pool the env generates at `reset(seed=seed)`, recomputed outside the env with `dydiff_rollout`.
+
+    This mirrors `DydiffEnv.reset`/`_generate_pool`'s use of randomness (the seed makes a numpy Generator; its
+    first draw seeds the torch generator, the next picks the episode starts, the last shuffles the kept plans).
+    It has to reproduce the very same batch, because float32 model outputs are bit-identical only for the same
+    batch composition; with that, equality checks the whole chain: the env's plans ARE DyDiff rollouts of the
+    policy, and stepping serves them unchanged."""
+    rng, _ = np_random(seed)
+    generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+    starts = env.bundle.start_states
+    rows = np.flatnonzero(starts["is_episode_start"])
+    count = math.ceil(env.pool_size / env.filter.keep_fraction)
+    pick = rows[rng.integers(0, len(rows), size=count)]
+    result = dydiff_rollout(env.bundle, torch.as_tensor(starts["observations"][pick]), as_policy(policy),
+                            horizon=env.horizon, num_iterations=env.num_iterations, sampler=env.sampler,
+                            filter=FilterConfig(env.filter.mode, env.filter.keep_fraction, env.filter.temperature),
+                            generator=generator, dynamics_mode=env.dynamics_mode)
+    kept = torch.nonzero(result.kept).flatten().numpy()
+    rng.shuffle(kept)
+    return result.select(torch.as_tensor(kept))
+
+
+def test_on_plan_steps_are_the_rollout_bit_for_bit(bundle):
+    policy = fixed_policy()
+    env = make_vec(bundle, 4)
+    env.set_policy(policy)
+    obs, _ = env.reset(seed=5)
+    plans = replay_pool(env, 5, policy)
+    plan_len = plans.valid.sum(1).numpy()
+    assert np.array_equal(obs, plans.obs[:4, 0].double().numpy())
+    # the agent acts with the same policy on the float64 observations it sees; its actions match the plan's
+    # to float32 rounding (different batch), within the env's action_tolerance, so the env stays on plan
+    active = np.ones(4, bool)
+    steps = 0
+    for t in range(env.horizon):
+        active &= t < plan_len[:4]
+        if not active.any():
+            break
+        obs, rewards, terminated, truncated, info = env.step(act_with(policy, obs))
+        ids = np.flatnonzero(active)
+        assert info["on_plan"][ids].all()
+        assert np.array_equal(obs[ids], plans.next_obs[ids, t].double().numpy())
+        assert np.array_equal(rewards[ids], plans.rewards[ids, t].double().numpy())
+        assert np.array_equal(terminated[ids], plans.terminated[ids, t].numpy())
+        assert (info["deviation"][ids] == 0).all()
+        steps += len(ids)
+        active &= ~(terminated | truncated)
+    assert steps >= 4
+
+
+def test_off_plan_response_is_first_order(bundle):
+    env = DydiffEnv(1, bundle=bundle, deviation_threshold=math.inf, **FAST)
+    obs0, _ = env.reset(seed=0)
+    # white-box: the plan's first transition, to compare with the model's prediction at the plan
+    plan_a, plan_next = env._plan_actions[0, 0].clone(), env._plan_obs[0, 1].clone()
+    x = torch.as_tensor(obs0, dtype=torch.float32)
+    f_plan, _ = bundle.dynamics.predict(x, plan_a[None], mode="mean")
+    nexts = []
+    for delta in (0.4, -0.4):
+        env.reset(seed=0)
+        assert np.array_equal(env._observations(), obs0)  # same seed: same plan, same state
+        a = (plan_a + delta).clamp(-1, 1)[None]
+        obs, reward, _, _, info = env.step(a.numpy())
+        assert not info["on_plan"][0] and info["deviation"][0] > 0
+        f_a, _ = bundle.dynamics.predict(x, a, mode="mean")
+        response = (f_a - f_plan)[0].double().numpy()
+        assert np.linalg.norm(response) > 1e-3
+        np.testing.assert_allclose(obs[0] - plan_next.double().numpy(), response, rtol=1e-4, atol=2e-6)
+        np.testing.assert_allclose(reward[0], float(bundle.reward(x, a)[0]), rtol=1e-5, atol=1e-6)
+        nexts.append(obs[0])
+    assert not np.array_equal(nexts[0], nexts[1]), "different actions, different next observations"
+
+
+@pytest.mark.parametrize("on_deviation", ["replan", "truncate"])
+def test_deviation_threshold(bundle, on_deviation):
+    env = DydiffEnv(4, bundle=bundle, deviation_threshold=1e-6, on_deviation=on_deviation, **FAST)
+    env.reset(seed=0)
+    off = (env._plan_actions[:, 0] + 0.3).clamp(-1, 1).numpy()  # off plan, but near it: few falls
+    obs, _, terminated, truncated, info = env.step(off)
+    alive = ~terminated
+    assert alive.any()
+    assert (info["deviation"][alive] > 1e-6).all()
+    if on_deviation == "replan":
+        assert info["replanned"][alive].all() and not truncated[alive].any()
+        # the new plans start at the agent's current state
+        ids = torch.as_tensor(np.flatnonzero(alive))
+        assert torch.equal(env._plan_obs[ids, 0], torch.as_tensor(obs[alive], dtype=torch.float32))
+        assert env.stats["replans"] == int(alive.sum())
+    else:
+        assert truncated[alive].all() and not info["replanned"].any()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_actions_raise(bundle):
+    env = DydiffEnv(2, bundle=bundle, **FAST)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"shape \(2, 3\).*single env's action"):
+        env.step(np.zeros(3))
+    with pytest.raises(ValueError, match=r"shape \(2, 3\), got \(2, 4\)"):
+        env.step(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="real numbers"):
+        env.step(np.array([["a", "b", "c"]] * 2))
+    with pytest.raises(ValueError, match="real numbers"):
+        env.step(np.zeros((2, 3), dtype=complex))
+    for bad in (np.nan, np.inf, -np.inf):
+        actions = np.zeros((2, 3))
+        actions[1, 2] = bad
+        with pytest.raises(ValueError, match=r"sub-envs \[1\] contain NaN or inf"):
+            env.step(actions)
+    single = gym.make(ENV_ID, bundle=bundle, **FAST).unwrapped
+    single.reset(seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        single.step(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        single.step(np.array([0.0, np.nan, 0.0]))
+
+
+def test_out_of_bound_actions_are_clipped(bundle):
+    env, twin = DydiffEnv(2, bundle=bundle, **FAST), DydiffEnv(2, bundle=bundle, **FAST)
+    env.reset(seed=0)
+    twin.reset(seed=0)
+    actions = np.array([[2.0, 0.0, 0.5], [-3.0, -3.0, 0.5]])
+    obs, rewards, *_, info = env.step(actions)
+    twin_obs, twin_rewards, *_, twin_info = twin.step(np.clip(actions, -1, 1))
+    assert info["clipped_actions"].tolist() == [1, 2] and env.stats["clipped_actions"] == 3
+    assert twin_info["clipped_actions"].tolist() == [0, 0]
+    assert np.array_equal(obs, twin_obs) and np.array_equal(rewards, twin_rewards)
+
+
+def test_step_before_reset(bundle):
+    with pytest.raises(RuntimeError, match="reset"):
+        DydiffEnv(1, bundle=bundle, **FAST).step(np.zeros((1, 3)))
+    with pytest.raises(RuntimeError, match="reset"):
+        gym.make(ENV_ID, bundle=bundle, **FAST).unwrapped.step(np.zeros(3))
+
+
+def test_bad_policy_handle_raises_policy_error(bundle):
+    env = DydiffEnv(1, bundle=bundle, **FAST)
+    env.set_policy(lambda obs: np.zeros((obs.shape[0], 2)))
+    with pytest.raises(PolicyError, match="shape"):
+        env.reset(seed=0)
+    env.set_policy(lambda obs: np.full((obs.shape[0], 3), np.nan))
+    with pytest.raises(PolicyError, match="NaN"):
+        env.reset(seed=0)
+    with pytest.raises(TypeError, match="policy"):
+        env.set_policy(42)
+
+
+def test_bundle_for_another_env(tiny_bundle, bundle):
+    with pytest.raises(BundleError, match="Walker2d-v5"):
+        DydiffEnv(bundle=tiny_bundle, task="walker2d")
+    with pytest.raises(BundleError, match="Walker2d-v5"):
+        DydiffEnv(bundle=bundle, task="walker2d")
+
+
+def test_missing_shipped_bundle():
+    if (shipped_bundle_path("walker2d") / "config.json").is_file():
+        pytest.skip("a walker2d bundle ships with this installation")
+    with pytest.raises(BundleError, match="dydiff-env train"):
+        gym.make("Dydiff-walker2d-v0")
+
+
+def test_never_emits_nan(tiny_bundle, monkeypatch):
+    own = load_bundle(tiny_bundle)  # patched below, so not the shared one
+    env = DydiffEnv(2, bundle=own, **FAST)
+    obs0, _ = env.reset(seed=0)
+    predict = own.dynamics.predict
+
+    def nan_predict(obs, act, mode="elite_mean", generator=None):
+        nxt, disagreement = predict(obs, act, mode=mode, generator=generator)
+        return torch.full_like(nxt, math.nan), disagreement
+
+    monkeypatch.setattr(own.dynamics, "predict", nan_predict)
+    off = (env._plan_actions[:, 0] + 0.5).clamp(-1, 1).numpy()  # off plan: the response needs the model
+    obs, rewards, terminated, truncated, info = env.step(off)
+    assert np.isfinite(obs).all() and np.isfinite(rewards).all()
+    assert np.array_equal(obs, obs0), "a non-finite step repeats the previous observation"
+    assert (rewards == 0).all() and truncated.all() and not terminated.any()
+    assert info["nonfinite"].all() and env.stats["nonfinite"] == 2
+    obs, *_ = env.step(off)  # the autoreset step
+    assert np.isfinite(obs).all()
+
+
+# --------------------------------------------------------------------------------------------- policy handles
+
+
+def _check_handle(handle, bundle, input="auto"):
+    policy = as_policy(handle, input=input)
+    actions = policy(torch.as_tensor(start_rows(bundle)[:5]))
+    assert isinstance(actions, torch.Tensor) and actions.shape == (5, 3) and actions.dtype == torch.float32
+    assert torch.isfinite(actions).all()
+    return actions
+
+
+def test_policy_handles_numpy_torch_agent(bundle):
+    calls = []
+
+    def numpy_policy(obs):
+        calls.append(type(obs))
+        return np.tanh(obs[:, :3])
+
+    _check_handle(numpy_policy, bundle)
+    assert calls == [np.ndarray], "plain callables receive numpy arrays"
+    module = fixed_policy()
+    torch.testing.assert_close(_check_handle(module, bundle), module(torch.as_tensor(start_rows(bundle)[:5])))
+    _check_handle(lambda obs: torch.tanh(obs[:, :3]), bundle, input="torch")
+
+    class Agent:
+        def actor_fn(self):
+            return lambda obs: torch.tanh(obs[:, 3:6])
+
+    _check_handle(Agent(), bundle)
+    with pytest.raises(TypeError):
+        as_policy("not a policy")
+    # an env accepts a handle and plans with it
+    env = DydiffEnv(1, bundle=bundle, policy=module, **FAST)
+    obs, _ = env.reset(seed=0)
+    torch.testing.assert_close(env._plan_actions[0, 0], module(torch.as_tensor(obs[0], dtype=torch.float32)))
+
+
+def test_as_policy_imports_tianshou_only_for_tianshou_objects(monkeypatch):
+    import builtins
+
+    attempted = []
+    real_import = builtins.__import__
+
+    def recording_import(name, *args, **kwargs):
+        if name.startswith("tianshou"):
+            attempted.append(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", recording_import)
+    as_policy(fixed_policy())
+    as_policy(lambda obs: obs[:, :3])
+    assert attempted == [], "importing tianshou takes seconds; plain policies must not trigger it"
+
+
+def test_policy_handle_sb3(bundle):
+    sb3 = pytest.importorskip("stable_baselines3")
+    real = gym.make("Hopper-v5")
+    model = sb3.TD3("MlpPolicy", real, buffer_size=100, policy_kwargs={"net_arch": [16]}, device="cpu", seed=0)
+    actions = _check_handle(model, bundle)
+    expected, _ = model.predict(start_rows(bundle)[:5], deterministic=True)
+    np.testing.assert_allclose(actions.numpy(), expected, rtol=1e-6, atol=1e-6)
+    env = DydiffEnv(1, bundle=bundle, policy=model, **FAST)
+    env.reset(seed=0)
+    real.close()
+
+
+def test_policy_handle_tianshou(bundle):
+    pytest.importorskip("tianshou")
+    from tianshou.algorithm.modelfree.ddpg import ContinuousDeterministicPolicy
+    from tianshou.utils.net.common import Net
+    from tianshou.utils.net.continuous import ContinuousActorDeterministic
+
+    real = gym.make("Hopper-v5")
+    actor = ContinuousActorDeterministic(preprocess_net=Net(state_shape=(11,), hidden_sizes=(16,)), action_shape=3)
+    policy = ContinuousDeterministicPolicy(actor=actor, action_space=real.action_space,
+                                           observation_space=real.observation_space)
+    actions = _check_handle(policy, bundle)
+    assert bool(((actions >= -1) & (actions <= 1)).all())
+    # an Algorithm is used through its policy
+    from tianshou.algorithm import DDPG
+    from tianshou.algorithm.optim import AdamOptimizerFactory
+    from tianshou.utils.net.continuous import ContinuousCritic
+
+    critic = ContinuousCritic(preprocess_net=Net(state_shape=(11,), action_shape=3, hidden_sizes=(16,), concat=True))
+    algorithm = DDPG(policy=policy, policy_optim=AdamOptimizerFactory(), critic=critic,
+                     critic_optim=AdamOptimizerFactory())
+    assert torch.equal(_check_handle(algorithm, bundle), actions)
+    env = DydiffEnv(1, bundle=bundle, policy=policy, **FAST)
+    env.reset(seed=0)
+    real.close()
