@@ -57,19 +57,9 @@ class DynamicsConfig:
 
 
 @dataclass
-class RewardConfig:
-    hidden: tuple[int, ...] = (256, 256)
-    lr: float = 1e-3
-    batch_size: int = 256
-    holdout_fraction: float = 0.1
-    max_holdout: int = 5000
-    patience: int = 5
-    max_epochs: int = 100
-    steps_per_epoch: int | None = None
+class MLPConfig:
+    """Training of a plain MLP model (the reward model and the behaviour-cloning policy)."""
 
-
-@dataclass
-class BCConfig:
     hidden: tuple[int, ...] = (256, 256)
     lr: float = 1e-3
     batch_size: int = 256
@@ -85,8 +75,8 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    bc: BCConfig = field(default_factory=BCConfig)
+    reward: MLPConfig = field(default_factory=MLPConfig)
+    bc: MLPConfig = field(default_factory=MLPConfig)
     seed: int = 0
     checkpoint_every_s: float = 60.0  # an interrupted run loses at most this much work
 
@@ -105,7 +95,7 @@ class TrainConfig:
             return klass(**kwargs)
 
         sub = {"diffusion": DiffusionConfig, "sampler": SamplerConfig, "dynamics": DynamicsConfig,
-               "reward": RewardConfig, "bc": BCConfig}
+               "reward": MLPConfig, "bc": MLPConfig}
         kwargs = {k: build(sub[k], v) if k in sub else v for k, v in d.items()}
         return cls(**kwargs)
 
@@ -123,8 +113,8 @@ def _preset_cpu() -> TrainConfig:
                                   train_steps=10_000, min_valid_rows=32, eval_every=500),
         sampler=SamplerConfig(),
         dynamics=DynamicsConfig(lr=1e-3, max_epochs=30, patience=5, steps_per_epoch=250),
-        reward=RewardConfig(max_epochs=20, patience=4, steps_per_epoch=300),
-        bc=BCConfig(max_epochs=20, patience=4, steps_per_epoch=300),
+        reward=MLPConfig(max_epochs=20, patience=4, steps_per_epoch=300),
+        bc=MLPConfig(max_epochs=20, patience=4, steps_per_epoch=300),
     )
 
 
@@ -136,8 +126,8 @@ def _preset_tiny() -> TrainConfig:
         sampler=SamplerConfig(num_steps=6),
         dynamics=DynamicsConfig(ensemble_size=3, num_elites=2, hidden=(32, 32), weight_decay=(2.5e-5, 5e-5, 1e-4),
                                 lr=1e-3, max_epochs=4, patience=2, steps_per_epoch=10, batch_size=64),
-        reward=RewardConfig(hidden=(32, 32), max_epochs=4, patience=2, steps_per_epoch=10, batch_size=64),
-        bc=BCConfig(hidden=(32, 32), max_epochs=4, patience=2, steps_per_epoch=10, batch_size=64),
+        reward=MLPConfig(hidden=(32, 32), max_epochs=4, patience=2, steps_per_epoch=10, batch_size=64),
+        bc=MLPConfig(hidden=(32, 32), max_epochs=4, patience=2, steps_per_epoch=10, batch_size=64),
         checkpoint_every_s=0.0,
     )
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import bundle as bundle_io
 from .checkpoint import checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import BCConfig, DiffusionConfig, DynamicsConfig, RewardConfig, TrainConfig
+from .config import DiffusionConfig, DynamicsConfig, MLPConfig, TrainConfig
 from .data import Normalizer, OfflineData, TrajectoryWindows
 from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion, edm_sample
 
@@ -200,7 +200,7 @@ def train_dynamics(data: OfflineData, cfg: DynamicsConfig, ctx: RunContext, metr
     return model, summary
 
 
-def train_reward(data: OfflineData, cfg: RewardConfig, ctx: RunContext, metrics: MetricsLog) -> tuple[RewardModel, dict]:
+def train_reward(data: OfflineData, cfg: MLPConfig, ctx: RunContext, metrics: MetricsLog) -> tuple[RewardModel, dict]:
     dev = ctx.device
     model = RewardModel(data.obs_dim, data.act_dim, cfg.hidden).to(dev)
     inputs = Normalizer.fit(np.concatenate([data.observations, data.actions], 1))
@@ -217,7 +217,7 @@ def train_reward(data: OfflineData, cfg: RewardConfig, ctx: RunContext, metrics:
     return model, summary
 
 
-def train_bc(data: OfflineData, cfg: BCConfig, ctx: RunContext, metrics: MetricsLog) -> tuple[BCPolicy, dict]:
+def train_bc(data: OfflineData, cfg: MLPConfig, ctx: RunContext, metrics: MetricsLog) -> tuple[BCPolicy, dict]:
     dev = ctx.device
     model = BCPolicy(data.obs_dim, data.act_dim, cfg.hidden).to(dev)
     stats = Normalizer.fit(data.observations)

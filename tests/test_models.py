@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dydiff_env.config import RewardConfig, SamplerConfig
+from dydiff_env.config import MLPConfig, SamplerConfig
 from dydiff_env.models import (BCPolicy, DynamicsEnsemble, RewardModel, TemporalUNet, TrajectoryDiffusion,
                                edm_sample, edm_sigma_steps)
 from dydiff_env.models.mlp import EnsembleMLP
@@ -283,7 +283,7 @@ def test_fit_supervised_restores_best_epoch_weights(tmp_path):
         snapshots.append({k: p.detach().clone() for k, p in model.named_parameters()})
         return torch.tensor([float(len(snapshots))])
 
-    cfg = RewardConfig(hidden=(8,), batch_size=16, max_epochs=10, patience=2, steps_per_epoch=5)
+    cfg = MLPConfig(hidden=(8,), batch_size=16, max_epochs=10, patience=2, steps_per_epoch=5)
     ctx, metrics = _fit_context(tmp_path)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     summary = fit_supervised("reward", model, 1, lambda idx: model.loss(obs[idx[0]], act[idx[0]], rew[idx[0]]),
@@ -307,7 +307,7 @@ def test_fit_supervised_restores_each_members_best(tmp_path):
         snapshots.append({k: p.detach().clone() for k, p in model.named_parameters()})
         return torch.tensor(schedule[len(snapshots) - 1], dtype=torch.float32)
 
-    cfg = RewardConfig(batch_size=8, max_epochs=6, patience=2, steps_per_epoch=3)
+    cfg = MLPConfig(batch_size=8, max_epochs=6, patience=2, steps_per_epoch=3)
     ctx, metrics = _fit_context(tmp_path)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     summary = fit_supervised("ens", model, members, lambda idx: (model(x[idx]) - y[idx]).pow(2).mean(), holdout_loss,
