@@ -105,6 +105,15 @@ def call_policy(policy: Policy, obs: torch.Tensor, act_dim: int) -> torch.Tensor
     return actions.clamp(-1.0, 1.0)
 
 
+def _act(policy: Policy, obs: torch.Tensor, act_dim: int, step: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A policy's actions; a *time-indexed* policy (attribute `time_indexed = True`) is called as
+    policy(obs, step, rows) with each state's step t and trajectory index, e.g. to replay recorded actions
+    (the fidelity benchmark's teacher-forced regime)."""
+    if getattr(policy, "time_indexed", False):
+        return call_policy(lambda o: policy(o, step, rows), obs, act_dim)
+    return call_policy(policy, obs, act_dim)
+
+
 def behaviour_policy(bundle, generator: torch.Generator | None = None, deterministic: bool = False) -> Policy:
     """The bundle's behaviour-cloning policy as a rollout policy (stochastic by default, like the data)."""
     bundle.require("bc")
@@ -167,23 +176,27 @@ def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy,
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
 
-    chunks = [_rollout_chunk(bundle, part, policy, horizon, num_iterations, sampler, generator, dynamics_mode, window)
-              for part in start_obs.split(chunk_size)]
+    chunks = [_rollout_chunk(bundle, part, policy, horizon, num_iterations, sampler, generator, dynamics_mode, window,
+                             first_row=i * chunk_size)
+              for i, part in enumerate(start_obs.split(chunk_size))]
     result = RolloutResult(*(torch.cat([getattr(c, f) for c in chunks]) for f in RolloutResult.__dataclass_fields__))
     result.kept = filter_trajectories(result.returns, filter, generator)
     return result
 
 
-def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generator, dynamics_mode, window) -> RolloutResult:
+def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generator, dynamics_mode, window,
+                   first_row: int = 0) -> RolloutResult:
     obs_dim, act_dim = bundle.obs_dim, bundle.act_dim
     # the diffusion model works on whole windows; a pure single-step rollout needs only horizon + 1 states
     length = window if num_iterations > 0 else horizon + 1
+    batch = s0.shape[0]
+    rows = torch.arange(first_row, first_row + batch)  # trajectory indices, for time-indexed policies
 
     # 1. initial trajectory from the single-step ensemble
     states = [s0]
     actions = []
-    for _ in range(length):
-        a = call_policy(policy, states[-1], act_dim)
+    for t in range(length):
+        a = _act(policy, states[-1], act_dim, torch.full((batch,), t, dtype=torch.long), rows)
         nxt, _ = bundle.dynamics.predict(states[-1], a, mode=dynamics_mode, generator=generator)
         actions.append(a)
         states.append(nxt)
@@ -199,7 +212,8 @@ def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generat
         sampled_states = norm.from_unit(sample)[..., :obs_dim]
         states = 0.5 * (sampled_states + states)
         states[:, 0] = s0  # the unit-scaling round trip is not bit-exact; s_0 is given, so keep it exact
-        actions = call_policy(policy, states.reshape(-1, obs_dim), act_dim).reshape(actions.shape)
+        actions = _act(policy, states.reshape(-1, obs_dim), act_dim, torch.arange(length).repeat(batch),
+                       rows.repeat_interleave(length)).reshape(actions.shape)
 
     # 3. labels: transition t goes from states[:, t] to states[:, t + 1]
     obs, next_obs, acts = states[:, :horizon], states[:, 1 : horizon + 1], actions[:, :horizon]
