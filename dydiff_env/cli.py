@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -82,8 +83,7 @@ def cmd_collect(args) -> int:
                 return actor.act(obs, deterministic=args.deterministic, generator=generator)
         part = collect_episodes(task.env_id, policy, share, seed=args.seed * 1_000_003 + i * 100_000)
         buffers += part
-    for i, buf in enumerate(buffers):
-        buf.id = i
+    buffers = [dataclasses.replace(buf, id=i) for i, buf in enumerate(buffers)]  # ids unique across actors
     write_minari_dataset(dataset_id, task.env_id, buffers, description=description, overwrite=args.overwrite)
     data = load_dataset(dataset_id)
     returns = data.episode_returns
