@@ -68,6 +68,8 @@ def add_common_args(parser: argparse.ArgumentParser, steps: int, rollout_every: 
     parser.add_argument("--real-fraction", type=float, default=0.6)
     parser.add_argument("--eval-every", type=int, default=eval_every)
     parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--eval-max-steps", type=int, default=None, help="cap evaluation episodes (default: 1000)")
+    parser.add_argument("--log-every", type=int, default=1_000, help="gradient steps between metrics rows")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
 
 
@@ -92,7 +94,8 @@ def run_offline(name: str, make_agent: Callable[[OfflineData, str], object], arg
     out = args.out or os.path.join("runs", f"{name}-seed{args.seed}{'-nodydiff' if args.no_dydiff else ''}")
     config = TrainerConfig(total_steps=args.steps, real_fraction=args.real_fraction, rollout_every=args.rollout_every,
                            rollout_starts=args.rollout_starts, eval_every=args.eval_every,
-                           eval_episodes=args.eval_episodes, seed=args.seed, device=args.device, out_dir=out,
+                           eval_episodes=args.eval_episodes, eval_max_episode_steps=args.eval_max_steps,
+                           log_every=args.log_every, seed=args.seed, device=args.device, out_dir=out,
                            checkpoint_every=max(1, min(args.steps, 10_000)), overwrite=not args.resume)
     torch.manual_seed(args.seed)
     agent = make_agent(data, args.device)
