@@ -104,5 +104,5 @@ def run_offline(name: str, make_agent: Callable[[OfflineData, str], object], arg
     label = f"D4RL-normalised on {data.env_id}"
     print(json.dumps({"run": out, "dydiff": not args.no_dydiff, "steps": args.steps,
                       "last_score": last.get("normalized_mean"), "best_score": best.get("normalized_mean"),
-                      "last_return": last.get("mean"), "score_label": label}, indent=1))
+                      "last_return": last.get("return_mean"), "score_label": label}, indent=1))
     return summary
