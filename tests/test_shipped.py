@@ -1,0 +1,41 @@
+"""The assets shipped in the package: the pretrained Hopper bundle and the behaviour actors."""
+
+import numpy as np
+import pytest
+
+import dydiff_env
+from dydiff_env.behaviour import load_shipped_actor
+from dydiff_env.bundle import load_bundle
+from dydiff_env.env import shipped_bundle_path
+
+
+def test_shipped_bundle_loads_and_is_small():
+    path = shipped_bundle_path("hopper")
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size < 20 * 2**20
+    bundle = load_bundle(path, env_id="Hopper-v5", require=("diffusion", "dynamics", "reward", "bc"))
+    assert bundle.meta["dataset_id"] == "dydiff/hopper/medium-v0"
+    assert len(bundle.start_states["observations"]) > 0
+
+
+def test_make_with_no_arguments_uses_the_shipped_bundle():
+    import gymnasium
+
+    # a cheap sampler keeps the test fast; the defaults are exercised by benchmarks/throughput.py
+    env = gymnasium.make("Dydiff-hopper-v0", sampler={"num_steps": 3}, pool_size=2)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (11,) and obs.dtype == np.float64
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    assert np.isfinite(obs).all() and np.isfinite(reward)
+
+
+@pytest.mark.parametrize("name", ["medium", "replay-1", "replay-2", "replay-3"])
+def test_shipped_behaviour_actors(name):
+    actor = load_shipped_actor("hopper", name)
+    actions = actor.act(np.zeros((4, 11), np.float32))
+    assert actions.shape == (4, 3) and (np.abs(actions) <= 1).all()
+
+
+def test_unknown_shipped_actor_names_the_fix():
+    with pytest.raises(FileNotFoundError, match="behaviour train"):
+        load_shipped_actor("hopper", "expert")
