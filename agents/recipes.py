@@ -50,25 +50,32 @@ def dydiff_rollout_fn(env) -> Callable:
     return rollout_fn
 
 
-def add_common_args(parser: argparse.ArgumentParser, steps: int, rollout_every: int, rollout_starts: int,
-                    eval_every: int) -> None:
-    parser.add_argument("--steps", type=int, default=steps, help="gradient steps (the paper uses 1M)")
-    parser.add_argument("--no-dydiff", action="store_true", help="same budget on real data only (the baseline)")
+def add_shared_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every example has: data, bundle, seed, device, threads, evaluation, output, DyDiff settings."""
     parser.add_argument("--dataset", default=DEFAULT_DATASET, help="Minari dataset id (collected on first use if known)")
     parser.add_argument("--bundle", default=None, help="bundle directory (default: the shipped Hopper bundle)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--out", default=None, help="run directory (default: runs/<script>-<seed>[-nodydiff])")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: all cores; pass 1 when another job shares the machine)")
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--eval-max-steps", type=int, default=None, help="cap evaluation episodes (default: 1000)")
+    parser.add_argument("--out", default=None, help="run directory (default: runs/<script>-seed<seed>)")
+    parser.add_argument("--iterations", type=int, default=2, help="DyDiff iterations M (0 = single-step model)")
+    parser.add_argument("--sampler-steps", type=int, default=None, help="EDM sampler steps (default: the bundle's)")
+
+
+def add_common_args(parser: argparse.ArgumentParser, steps: int, rollout_every: int, rollout_starts: int,
+                    eval_every: int) -> None:
+    """Flags of the examples built on `OfflineTrainer` (TD3+BC, Diffusion-QL)."""
+    add_shared_args(parser)
+    parser.add_argument("--steps", type=int, default=steps, help="gradient steps (the paper uses 1M)")
+    parser.add_argument("--no-dydiff", action="store_true", help="same budget on real data only (the baseline)")
     parser.add_argument("--rollout-every", type=int, default=rollout_every, help="gradient steps between rollouts")
     parser.add_argument("--rollout-starts", type=int, default=rollout_starts, help="start states per rollout")
     parser.add_argument("--horizon", type=int, default=None, help="rollout horizon (default: the bundle's)")
-    parser.add_argument("--iterations", type=int, default=2, help="DyDiff iterations M (0 = single-step model)")
-    parser.add_argument("--sampler-steps", type=int, default=None, help="EDM sampler steps (default: the bundle's)")
     parser.add_argument("--real-fraction", type=float, default=0.6)
     parser.add_argument("--eval-every", type=int, default=eval_every)
-    parser.add_argument("--eval-episodes", type=int, default=10)
-    parser.add_argument("--eval-max-steps", type=int, default=None, help="cap evaluation episodes (default: 1000)")
     parser.add_argument("--log-every", type=int, default=1_000, help="gradient steps between metrics rows")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
 

@@ -35,25 +35,16 @@ DEFAULT_STEPS = 8_000  # env transitions: 2,000 steps of 4 sub-envs, 2 gradient 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agents.recipes import DEFAULT_DATASET
+    from agents.recipes import add_shared_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shared_args(p)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="env transitions collected in the model")
     p.add_argument("--num-envs", type=int, default=4, help="DydiffEnv sub-environments")
-    p.add_argument("--bundle", default=None, help="bundle directory (default: the shipped Hopper bundle)")
-    p.add_argument("--dataset", default=DEFAULT_DATASET, help="Minari dataset id (collected on first use if known)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--eval-episodes", type=int, default=10)
-    p.add_argument("--eval-max-steps", type=int, default=None, help="time limit of evaluation episodes (quick checks)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/sb3_td3-seed<seed>)")
     p.add_argument("--refresh-every", type=int, default=2_000, help="env transitions between policy-handle refreshes")
     p.add_argument("--gradient-steps", type=int, default=2, help="gradient steps per vector-env step")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--action-noise", type=float, default=0.1, help="std of TD3's Gaussian exploration noise")
-    p.add_argument("--iterations", type=int, default=2, help="DyDiff iterations M (0 = single-step model)")
-    p.add_argument("--sampler-steps", type=int, default=None, help="EDM sampler steps (default: the bundle's)")
     p.add_argument("--pool-size", type=int, default=32,
                    help="kept plans per pool generation (plans for episode starts; each costs diffusion time)")
     return p

@@ -34,27 +34,18 @@ DEFAULT_STEPS = 20_000  # gradient steps; about 10 min on 2 CPU cores with the d
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agents.recipes import DEFAULT_DATASET
+    from agents.recipes import add_shared_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shared_args(p)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="gradient steps")
     p.add_argument("--num-envs", type=int, default=8, help="DydiffEnv sub-environments of the collector")
-    p.add_argument("--bundle", default=None, help="bundle directory (default: the shipped Hopper bundle)")
-    p.add_argument("--dataset", default=DEFAULT_DATASET, help="Minari dataset id (collected on first use if known)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--eval-episodes", type=int, default=10)
-    p.add_argument("--eval-max-steps", type=int, default=None, help="time limit of evaluation episodes (quick checks)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/tianshou_td3bc-seed<seed>)")
     p.add_argument("--real-fraction", type=float, default=0.6, help="share of dataset rows in each batch")
     p.add_argument("--collect-every", type=int, default=2_500, help="gradient steps between model collections")
     p.add_argument("--collect-steps", type=int, default=1_024, help="model transitions per collection")
     p.add_argument("--model-buffer", type=int, default=100_000, help="model buffer capacity (oldest dropped)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--alpha", type=float, default=2.5, help="TD3+BC's Q weight")
-    p.add_argument("--iterations", type=int, default=2, help="DyDiff iterations M (0 = single-step model)")
-    p.add_argument("--sampler-steps", type=int, default=None, help="EDM sampler steps (default: the bundle's)")
     p.add_argument("--horizon", type=int, default=None, help="plan length (default: the bundle's)")
     p.add_argument("--pool-size", type=int, default=32,
                    help="kept plans per pool generation (about what one collection uses; each costs diffusion time)")
