@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .td3bc import (ObservationNormalizer, TwinCritic, _check_compatible, _jsonable_config, _optimizer_to,
+from .td3bc import (ObservationNormalizer, TwinCritic, _check_compatible, dataset_obs_stats, _jsonable_config, _optimizer_to,
                     as_batch_tensor, check_batch, critic_loss, mlp, observation_stats, soft_update, td_target)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,10 +237,7 @@ class DiffusionQL:
     def from_data(cls, data, config: DiffusionQLConfig | None = None, max_action: float = 1.0,
                   device: str | torch.device = "cpu") -> "DiffusionQL":
         config = config or DiffusionQLConfig()
-        mean = std = None
-        if config.normalize_observations:
-            mean, std = observation_stats(data.observations, config.obs_std_eps)
-        return cls(data.obs_dim, data.act_dim, mean, std, max_action, config, device)
+        return cls(data.obs_dim, data.act_dim, *dataset_obs_stats(data, config), max_action, config, device)
 
     def to(self, device: str | torch.device) -> "DiffusionQL":
         self.device = torch.device(device)

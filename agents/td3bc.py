@@ -205,10 +205,7 @@ class TD3BC:
                   device: str | torch.device = "cpu") -> "TD3BC":
         """An agent sized for an `OfflineData`, normalising observations with its statistics."""
         config = config or TD3BCConfig()
-        mean = std = None
-        if config.normalize_observations:
-            mean, std = observation_stats(data.observations, config.obs_std_eps)
-        return cls(data.obs_dim, data.act_dim, mean, std, max_action, config, device)
+        return cls(data.obs_dim, data.act_dim, *dataset_obs_stats(data, config), max_action, config, device)
 
     def to(self, device: str | torch.device) -> "TD3BC":
         self.device = torch.device(device)
@@ -291,6 +288,13 @@ class TD3BC:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Small shared utilities for agents
+
+
+def dataset_obs_stats(data, config) -> tuple:
+    """(mean, std) of a dataset's observations for agents that normalise them, else (None, None)."""
+    if not config.normalize_observations:
+        return None, None
+    return observation_stats(data.observations, config.obs_std_eps)
 
 
 def _jsonable_config(config) -> dict:
