@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .td3bc import (ObservationNormalizer, TwinCritic, _check_compatible, dataset_obs_stats, _jsonable_config, _optimizer_to,
-                    as_batch_tensor, check_batch, critic_loss, mlp, observation_stats, soft_update, td_target)
+                    as_batch_tensor, check_batch, critic_loss, mlp, soft_update, td_target)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Diffusion schedule and sampler (pure functions on batched tensors)
