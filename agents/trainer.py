@@ -343,7 +343,7 @@ class OfflineTrainer:
         self._plot_learning_curve(os.path.join(cfg.out_dir, "learning_curve.png"))
         tmp = os.path.join(cfg.out_dir, "summary.json.tmp")
         with open(tmp, "w") as f:
-            json.dump(_json_safe(summary), f, indent=2)
+            json.dump(json_safe(summary), f, indent=2)
         os.replace(tmp, os.path.join(cfg.out_dir, "summary.json"))
         return summary
 
@@ -396,12 +396,14 @@ def _parse_float(value: str):
     return value
 
 
-def _json_safe(x):
-    """Strict JSON: NaN / inf become null, numpy scalars become Python numbers."""
+def json_safe(x):
+    """Strict JSON: NaN / inf become null, numpy arrays become lists, numpy scalars Python numbers."""
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_safe(x.tolist())
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):

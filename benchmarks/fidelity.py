@@ -76,10 +76,10 @@ from dydiff_env.bundle import Bundle, load_bundle  # noqa: E402
 from dydiff_env.config import SamplerConfig  # noqa: E402
 from dydiff_env.data import OfflineData, load_dataset  # noqa: E402
 from dydiff_env.env import DydiffEnv, shipped_bundle_path  # noqa: E402
-from dydiff_env.models import edm_sample  # noqa: E402
 from dydiff_env.policies import as_policy  # noqa: E402
-from dydiff_env.rollout import (FilterConfig, RolloutResult, _first_termination_cut, behaviour_policy,  # noqa: E402
-                                call_policy, dydiff_rollout)
+from agents.trainer import json_safe  # noqa: E402
+from dydiff_env.rollout import (FilterConfig, RolloutResult, behaviour_policy, call_policy,  # noqa: E402
+                                dydiff_rollout)
 
 METHODS = ("ensemble", "dydiff-M1", "dydiff-M2", "dydiff-M3", "behaviour-prior", "env")
 ITERATIONS = {"ensemble": 0, "dydiff-M1": 1, "dydiff-M2": 2, "dydiff-M3": 3, "behaviour-prior": 2, "env": 2}
@@ -446,7 +446,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         }
     results["headline"] = headline(results)
     json_path, png_path, md_path = out_dir / "fidelity.json", out_dir / "fidelity.png", out_dir / "fidelity.md"
-    json_path.write_text(json.dumps(_jsonable(results), indent=1))
+    json_path.write_text(json.dumps(json_safe(results), indent=1))
     plot(results, png_path)
     results["table"] = markdown_table(results)
     md_path.write_text(results["table"] + "\n")
@@ -531,20 +531,6 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
