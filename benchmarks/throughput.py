@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Throughput of DyDiff rollouts and of the DydiffEnv, next to the real simulator, in one run.
 
-    python benchmarks/throughput.py --bundle DIR [--threads 1] [--steps 200] [--quick] [--out FILE]
+    python benchmarks/throughput.py [--bundle DIR] [--threads 1] [--steps 200] [--env-sampler-steps N]
+                                    [--quick] [--out FILE]
 
 Measured (transitions per second, wall clock, single process, torch on `--threads` intra-op threads):
 
@@ -10,9 +11,11 @@ Measured (transitions per second, wall clock, single process, torch on `--thread
   ensemble only). "generated" counts every row (batch x horizon), "kept" only the valid steps of the
   trajectories the default hardmax filter keeps (what a replay buffer would receive).
 - `DydiffEnv.step` with num_envs 1, 64, 256 (env calls only: the agent's action computation is not timed),
-  in two agent modes:
+  in three agent modes:
     - `off_plan`: uniform random actions, the bundle's BC policy plans. Every step is off plan (model
       prediction for the response, re-plans when the deviation exceeds the threshold): the expensive case.
+    - `noisy_0.1`: the planning policy below plus N(0, 0.1) noise per action, as TD3 explores (the
+      responses are model-corrected, re-plans happen only when the drift passes the threshold).
     - `on_plan`: the env plans with a fixed tanh-linear policy and the agent acts with that same policy, so
       steps are served from the plans; the cost is plan generation (pool and re-plans at plan ends).
   "total" is reset (the first pool generation) plus `--steps` steps; "steady" is the next `--steps` steps
@@ -25,6 +28,10 @@ Memory: for every measurement, `peak_mib` is the largest resident set size (RSS,
 /proc/self/statm every 5 ms by a background thread) above the RSS at its start, and `maxrss_delta_mib` is the
 growth of the process high-water mark `resource.getrusage(RUSAGE_SELF).ru_maxrss` during it (0 when it stayed
 under an earlier peak of this process, so read it as a lower bound). Both include torch and MuJoCo memory.
+
+Off-plan steps at 256 envs re-plan often, and every re-plan is a diffusion run: with the bundle's 34-step
+sampler the full run takes a long time on 2 CPU cores; `--steps 20` or `--env-sampler-steps 10` bound it.
+Progress is printed per measurement and the JSON is rewritten after each one.
 
 Writes a markdown table to stdout and all numbers (with the settings and machine) to `--out` as JSON.
 """
@@ -144,12 +151,14 @@ def _timed_steps(env, steps: int, next_actions) -> tuple[float, np.ndarray]:
 
 
 class _Actions:
-    """The agent: random actions, or the planning policy on the last observation (untimed)."""
+    """The agent: random actions, or the planning policy on the last observation plus optional Gaussian
+    noise (as TD3 explores), clipped to [-1, 1]. Untimed."""
 
-    def __init__(self, num_envs: int, act_dim: int, policy=None, seed: int = 0):
+    def __init__(self, num_envs: int, act_dim: int, policy=None, seed: int = 0, noise_std: float = 0.0):
         self.rng = np.random.default_rng(seed)
         self.shape = (num_envs, act_dim)
         self.policy = policy
+        self.noise_std = noise_std
         self.obs = None
 
     def __call__(self) -> np.ndarray:
@@ -158,19 +167,26 @@ class _Actions:
         import torch
 
         with torch.no_grad():
-            return self.policy(torch.as_tensor(self.obs, dtype=torch.float32)).numpy()
+            actions = self.policy(torch.as_tensor(self.obs, dtype=torch.float32)).numpy()
+        if self.noise_std > 0:
+            actions = np.clip(actions + self.noise_std * self.rng.standard_normal(self.shape), -1.0, 1.0)
+        return actions.astype(np.float32)
 
 
-def bench_env(bundle, num_envs: int, mode: str, steps: int, seed: int = 0) -> dict:
+ENV_MODES = {"on_plan": 0.0, "noisy_0.1": 0.1, "off_plan": None}  # agent mode -> exploration noise std
+
+
+def bench_env(bundle, num_envs: int, mode: str, steps: int, seed: int = 0, sampler=None) -> dict:
     from dydiff_env import DydiffEnv
 
     with PeakMemory() as mem:
-        env = DydiffEnv(num_envs, bundle=bundle, task=bundle.task.name)
+        env = DydiffEnv(num_envs, bundle=bundle, task=bundle.task.name, sampler=sampler)
         policy = None
-        if mode == "on_plan":
+        noise_std = ENV_MODES[mode]
+        if noise_std is not None:
             policy = linear_policy(bundle.obs_dim, bundle.act_dim, seed)
             env.set_policy(policy)
-        agent = _Actions(num_envs, bundle.act_dim, policy, seed)
+        agent = _Actions(num_envs, bundle.act_dim, policy, seed, noise_std or 0.0)
         t0 = time.perf_counter()
         agent.obs, _ = env.reset(seed=seed)
         reset_s = time.perf_counter() - t0
@@ -179,7 +195,8 @@ def bench_env(bundle, num_envs: int, mode: str, steps: int, seed: int = 0) -> di
         stats = dict(env.stats)
         env.close()
     n = num_envs * steps
-    return {"num_envs": num_envs, "mode": mode, "steps": steps, "reset_s": reset_s, "total_s": reset_s + first_s,
+    return {"num_envs": num_envs, "mode": mode, "steps": steps, "sampler_steps": env.sampler.num_steps,
+            "reset_s": reset_s, "total_s": reset_s + first_s,
             "steady_s": steady_s, "total_per_s": n / (reset_s + first_s), "steady_per_s": n / steady_s,
             "stats": stats, "peak_mib": mem.peak_mib, "maxrss_delta_mib": mem.maxrss_delta_mib}
 
@@ -226,6 +243,8 @@ def markdown(results: dict) -> str:
                      f"{_fmt(r['kept_per_s'])} | {r['generated_per_s'] / real_best:.3g} | {r['peak_mib']} |")
     lines += ["", f"x real: generated/s over the real env's best steady throughput in this run ({_fmt(real_best)}/s).",
               "", "### DydiffEnv.step vs the real env (SyncVectorEnv)", "",
+              f"The env plans and re-plans with M=2 and a {m.get('env_sampler_steps', m['sampler_steps'])}-step "
+              "sampler.", "",
               "| num_envs | agent | total/s (reset + steps) | steady/s | real total/s | real steady/s | "
               "x real total | x real steady | replans | pools | peak MiB (real) |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -245,6 +264,13 @@ def markdown(results: dict) -> str:
 # ------------------------------------------------------------------------------------------------------ main
 
 
+def write_json(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    os.replace(tmp, path)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -253,6 +279,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="env steps per timed block (default 200; --quick: 5)")
     p.add_argument("--batch", type=int, default=None, help="rollout batch size (default 256; --quick: 8)")
     p.add_argument("--num-envs", type=int, nargs="+", default=None, help="env sizes (default 1 64 256; --quick: 1 4)")
+    p.add_argument("--env-sampler-steps", type=int, default=None,
+                   help="EDM sampler steps of the env's plans and re-plans (default: the bundle's)")
     p.add_argument("--quick", action="store_true", help="a few seconds: tiny batch, few steps, small env sizes")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0)
@@ -262,6 +290,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.num_envs = args.num_envs or ([1, 4] if args.quick else [1, 64, 256])
     if args.threads < 1 or args.steps < 1 or args.batch < 1 or min(args.num_envs) < 1:
         p.error("--threads, --steps, --batch and --num-envs must be positive")
+    if args.env_sampler_steps is not None and args.env_sampler_steps < 1:
+        p.error("--env-sampler-steps must be positive")
     return args
 
 
@@ -295,19 +325,34 @@ def main(argv=None) -> dict:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "memory_note": "peak_mib: sampled RSS peak above the RSS at the start of the measurement; "
                        "maxrss_delta_mib: growth of getrusage ru_maxrss during it (lower bound)"}}
-    results["rollout"] = [
-        bench_rollout(bundle, f"M=2, bundle sampler ({sampler.num_steps} steps)", 2, sampler, args.batch, args.seed),
-        bench_rollout(bundle, "M=2, 10-step sampler", 2, sampler10, args.batch, args.seed),
-        bench_rollout(bundle, "M=0 (single-step ensemble)", 0, sampler, args.batch, args.seed),
-    ]
-    results["real"] = [bench_real(bundle.task.env_id, n, args.steps, args.seed) for n in args.num_envs]
-    results["env"] = [bench_env(bundle, n, mode, args.steps, args.seed)
-                      for n in args.num_envs for mode in ("off_plan", "on_plan")]
+    env_sampler = sampler if args.env_sampler_steps is None else dataclasses.replace(
+        sampler, num_steps=args.env_sampler_steps)
+    results["meta"]["env_sampler_steps"] = env_sampler.num_steps
+    results.update(rollout=[], real=[], env=[])
+
+    def record(section: str, row: dict) -> None:
+        # progress goes to stdout unbuffered and the JSON is rewritten after every measurement, so a long
+        # run that is stopped keeps what it measured
+        results[section].append(row)
+        rate = row.get("generated_per_s", row.get("steady_per_s"))
+        name = row.get("label") or f"num_envs {row['num_envs']} {row.get('mode', 'real')}"
+        print(f"[throughput] {section}: {name}: {_fmt(rate)}/s ({time.perf_counter() - t_start:.0f}s elapsed)",
+              flush=True)
+        write_json(results, args.out)
+
+    record("rollout", bench_rollout(bundle, f"M=2, bundle sampler ({sampler.num_steps} steps)", 2, sampler,
+                                    args.batch, args.seed))
+    record("rollout", bench_rollout(bundle, "M=2, 10-step sampler", 2, sampler10, args.batch, args.seed))
+    record("rollout", bench_rollout(bundle, "M=0 (single-step ensemble)", 0, sampler, args.batch, args.seed))
+    for n in args.num_envs:
+        record("real", bench_real(bundle.task.env_id, n, args.steps, args.seed))
+    for n in args.num_envs:
+        for mode in ENV_MODES:
+            record("env", bench_env(bundle, n, mode, args.steps, args.seed, env_sampler))
     results["meta"]["wall_s"] = time.perf_counter() - t_start
 
     print(markdown(results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    write_json(results, args.out)
     print(f"\nwrote {args.out}")
     return results
 

@@ -21,15 +21,17 @@ def test_throughput_quick(tiny_bundle, tmp_path, capsys):
     bench = _load_script()
     out = tmp_path / "results" / "throughput.json"
     results = bench.main(["--bundle", str(tiny_bundle), "--quick", "--steps", "2", "--batch", "4",
-                          "--num-envs", "1", "2", "--out", str(out)])
+                          "--num-envs", "1", "2", "--env-sampler-steps", "3", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "| rollout |" in printed and "| num_envs |" in printed and str(out) in printed
     saved = json.loads(out.read_text())
     assert saved["meta"]["quick"] is True and saved["meta"]["threads"] == 1
     assert [r["num_iterations"] for r in saved["rollout"]] == [2, 2, 0]
     assert saved["rollout"][1]["sampler_steps"] == 10
-    assert [(r["num_envs"], r["mode"]) for r in saved["env"]] == [(1, "off_plan"), (1, "on_plan"),
-                                                                  (2, "off_plan"), (2, "on_plan")]
+    modes = ["on_plan", "noisy_0.1", "off_plan"]
+    assert [(r["num_envs"], r["mode"]) for r in saved["env"]] == [(n, m) for n in (1, 2) for m in modes]
+    assert saved["meta"]["env_sampler_steps"] == 3 and {r["sampler_steps"] for r in saved["env"]} == {3}
+    assert "[throughput] env: num_envs 2 off_plan" in printed
     assert [r["num_envs"] for r in saved["real"]] == [1, 2]
     for row in saved["rollout"] + saved["env"] + saved["real"]:
         for key in ("peak_mib", "maxrss_delta_mib"):
