@@ -81,10 +81,15 @@ class GaussianActor(nn.Module):
 
     @classmethod
     def from_sb3(cls, sb3_actor) -> "GaussianActor":
-        """Copy the weights of an SB3 SAC `model.actor` (default MLP features extractor)."""
+        """Copy the weights of an SB3 SAC `model.actor` (default MLP features extractor).
+
+        The copy is built under a forked torch RNG: its throw-away initial weights would otherwise draw from
+        the global generator that SB3 trains with, so taking snapshots more or less often changed training.
+        """
         linears = [m for m in sb3_actor.latent_pi if isinstance(m, nn.Linear)]
         obs_dim = linears[0].in_features
-        actor = cls(obs_dim, sb3_actor.mu.out_features, tuple(m.out_features for m in linears))
+        with torch.random.fork_rng(devices=[]):
+            actor = cls(obs_dim, sb3_actor.mu.out_features, tuple(m.out_features for m in linears))
         actor.latent_pi.load_state_dict(sb3_actor.latent_pi.state_dict())
         actor.mu.load_state_dict(sb3_actor.mu.state_dict())
         actor.log_std.load_state_dict(sb3_actor.log_std.state_dict())
