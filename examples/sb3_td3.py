@@ -106,6 +106,25 @@ def policy_handle_callback(every: int):
     return PolicyHandleCallback()
 
 
+def progress_callback(total: int):
+    """A tqdm bar over env transitions (SB3's own `progress_bar=True` needs `rich`, which we do not require)."""
+    from stable_baselines3.common.callbacks import BaseCallback
+    from tqdm.auto import tqdm
+
+    class ProgressCallback(BaseCallback):
+        def _on_training_start(self) -> None:
+            self.bar = tqdm(total=total, desc="SB3 TD3 on DydiffEnv", unit="transition")
+
+        def _on_step(self) -> bool:
+            self.bar.update(min(self.num_timesteps, total) - self.bar.n)
+            return True
+
+        def _on_training_end(self) -> None:
+            self.bar.close()
+
+    return ProgressCallback()
+
+
 def build_model(env, args, buffer_size: int):
     from stable_baselines3 import TD3
     from stable_baselines3.common.noise import NormalActionNoise
@@ -138,7 +157,7 @@ def main(argv=None) -> dict:
     env.set_policy(model)  # the first plans already follow this actor
     callback = policy_handle_callback(args.refresh_every)
     start = time.monotonic()
-    model.learn(total_timesteps=args.steps, callback=callback)
+    model.learn(total_timesteps=args.steps, callback=[callback, progress_callback(args.steps)])
     train_seconds = time.monotonic() - start
 
     result = evaluate(lambda obs: model.predict(obs, deterministic=True)[0], env_id, episodes=args.eval_episodes,

@@ -165,6 +165,7 @@ def training_step(algorithm):
 def train(algorithm, real_buffer, model_env, args) -> dict:
     """The gradient-step loop with model collections every `--collect-every` steps."""
     from tianshou.data import Collector, VectorReplayBuffer
+    from tqdm.auto import tqdm
 
     collector = None
     model_buffer = None
@@ -175,7 +176,7 @@ def train(algorithm, real_buffer, model_env, args) -> dict:
     last = None
     start = time.monotonic()
     with training_step(algorithm):
-        for step in range(args.steps):
+        for step in tqdm(range(args.steps), desc="Tianshou TD3BC", unit="step"):
             if collector is not None and step % args.collect_every == 0:
                 collections.append(collect_model_data(algorithm, collector, model_env, args.collect_steps))
             last = mixed_update(algorithm, real_buffer, model_buffer, args.batch_size, args.real_fraction)
