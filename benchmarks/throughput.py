@@ -33,7 +33,8 @@ Off-plan steps at 256 envs re-plan often, and every re-plan is a diffusion run: 
 sampler the full run takes a long time on 2 CPU cores; `--steps 20` or `--env-sampler-steps 10` bound it.
 Progress is printed per measurement and the JSON is rewritten after each one.
 
-Writes a markdown table to stdout and all numbers (with the settings and machine) to `--out` as JSON.
+Writes a markdown table to stdout, all numbers (with the settings and machine) to `--out` as JSON, and a
+log-scale bar chart of the step throughputs next to it (same name, .png).
 """
 
 from __future__ import annotations
@@ -261,6 +262,43 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict, path: Path) -> None:
+    """Steady transitions/s of DydiffEnv.step per agent mode next to the real env, log scale, per num_envs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["num_envs"] for r in results["env"]})
+    modes = list(dict.fromkeys(r["mode"] for r in results["env"]))
+    series = {m: [next((r["steady_per_s"] for r in results["env"] if r["num_envs"] == n and r["mode"] == m),
+                       np.nan) for n in sizes] for m in modes}
+    series["real Hopper-v5"] = [next((r["steady_per_s"] for r in results["real"] if r["num_envs"] == n), np.nan)
+                                for n in sizes]
+    x = np.arange(len(sizes))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name,
+               color="0.4" if name.startswith("real") else None)
+    for r in results["rollout"]:
+        ax.axhline(r["generated_per_s"], lw=0.8, ls="--", color="0.6")
+        ax.annotate(f"dydiff_rollout {r['label']}", (x[0] - 0.45, r["generated_per_s"]), fontsize=6.5,
+                    ha="left", va="bottom", color="0.25",
+                    bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
+    ax.set_yscale("log")
+    ax.set_xticks(x, [f"num_envs {n}" for n in sizes])
+    ax.set_ylabel("steady transitions / s")
+    m = results["meta"]
+    ax.set_title(f"DydiffEnv.step ({m.get('env_sampler_steps', m['sampler_steps'])}-step sampler) vs "
+                 f"{m['env_id']}, {m['threads']} thread(s)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------------------------ main
 
 
@@ -353,7 +391,8 @@ def main(argv=None) -> dict:
 
     print(markdown(results))
     write_json(results, args.out)
-    print(f"\nwrote {args.out}")
+    plot(results, args.out.with_suffix(".png"))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
     return results
 
 

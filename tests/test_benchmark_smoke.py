@@ -25,6 +25,7 @@ def test_throughput_quick(tiny_bundle, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| rollout |" in printed and "| num_envs |" in printed and str(out) in printed
     saved = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
     assert saved["meta"]["quick"] is True and saved["meta"]["threads"] == 1
     assert [r["num_iterations"] for r in saved["rollout"]] == [2, 2, 0]
     assert saved["rollout"][1]["sampler_steps"] == 10
