@@ -305,7 +305,9 @@ def plot(results: dict, path: Path) -> None:
 def write_json(results: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    from agents.trainer import json_safe  # the project's one strict-JSON conversion (numpy scalars, NaN)
+
+    tmp.write_text(json.dumps(json_safe(results), indent=2))
     os.replace(tmp, path)
 
 
