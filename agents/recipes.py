@@ -1,7 +1,7 @@
 """What the example scripts share: the embedded default data, the DyDiff rollout source, and common flags.
 
 - `ensure_dataset(id)` loads a local Minari dataset and, for the ids `dydiff-env collect` knows
-  (dydiff/hopper/medium-v0, ...), collects it on first use with the shipped behaviour policy.
+  (dydiff/hopper/medium-v1, ...), collects it on first use with the shipped behaviour policy.
 - `dydiff_rollout_fn(env)` adapts a `DydiffEnv` to `OfflineTrainer`'s `rollout_fn`: every K gradient steps
   the trainer hands over its current actor, which becomes the env's policy handle for one batched rollout
   from dataset states; the filtered, termination-cut transitions go into the model buffer.
@@ -17,9 +17,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dydiff_env.data import DatasetNotFoundError, OfflineData, load_dataset
+from dydiff_env.data import DEFAULT_DATASET_ID, DatasetNotFoundError, OfflineData, load_dataset
 
-DEFAULT_DATASET = "dydiff/hopper/medium-v0"
+DEFAULT_DATASET = DEFAULT_DATASET_ID
 
 
 def ensure_dataset(dataset_id: str = DEFAULT_DATASET, seed: int = 0) -> OfflineData:

@@ -74,7 +74,7 @@ from benchmarks.fidelity_metrics import (crossover_horizon, return_error, state_
                                          termination_agreement, trajectory_length)
 from dydiff_env.bundle import Bundle, load_bundle  # noqa: E402
 from dydiff_env.config import SamplerConfig  # noqa: E402
-from dydiff_env.data import OfflineData, load_dataset  # noqa: E402
+from dydiff_env.data import DEFAULT_DATASET_ID, OfflineData, load_dataset  # noqa: E402
 from dydiff_env.env import DydiffEnv, shipped_bundle_path  # noqa: E402
 from dydiff_env.policies import as_policy  # noqa: E402
 from agents.trainer import json_safe  # noqa: E402
@@ -84,7 +84,7 @@ from dydiff_env.rollout import (FilterConfig, RolloutResult, behaviour_policy, c
 METHODS = ("ensemble", "dydiff-M1", "dydiff-M2", "dydiff-M3", "behaviour-prior", "env")
 ITERATIONS = {"ensemble": 0, "dydiff-M1": 1, "dydiff-M2": 2, "dydiff-M3": 3, "behaviour-prior": 2, "env": 2}
 REGIMES = ("teacher-forced", "policy-driven")
-DEFAULT_DATASET = "dydiff/hopper/medium-v0"
+DEFAULT_DATASET = DEFAULT_DATASET_ID
 DEFAULT_OUT = Path("benchmarks/results/fidelity")
 QUICK = {"num_starts": 32, "horizon": 16, "sampler_steps": 10, "policy_steps": 1000}
 FULL = {"num_starts": 256, "policy_steps": 5000}

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig
-from .data import Normalizer, OfflineData
+from .data import DEFAULT_DATASET_ID, Normalizer, OfflineData
 from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion
 from .tasks import Task, get_task
 
@@ -204,7 +204,7 @@ def load_bundle(path: str | os.PathLike, env_id: str | None = None, device: str 
     cfg_path = path / "config.json"
     if not path.is_dir():
         raise BundleError(f"no bundle directory at {path}; train one with "
-                          f"`dydiff-env train all --dataset dydiff/hopper/medium-v0 --out {path}`")
+                          f"`dydiff-env train all --dataset {DEFAULT_DATASET_ID} --out {path}`")
     if not cfg_path.is_file():
         raise BundleError(f"{path} has no config.json, so it is not a dydiff-env bundle (or its training never "
                           "wrote one); train one with `dydiff-env train all --dataset ID --out DIR`")

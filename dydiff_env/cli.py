@@ -1,7 +1,7 @@
 """`dydiff-env` command line: collect datasets, train behaviour policies and bundle models, inspect bundles.
 
     dydiff-env collect hopper-medium                  # ~200k steps of the shipped medium actor -> Minari
-    dydiff-env train all --dataset dydiff/hopper/medium-v0 --out runs/hopper-medium --preset cpu
+    dydiff-env train all --dataset dydiff/hopper/medium-v1 --out runs/hopper-medium --preset cpu
     dydiff-env train all ... --resume                 # continue after an interruption
     dydiff-env info runs/hopper-medium                # what a bundle holds, with its holdout errors
     dydiff-env behaviour train --steps 300000 --out runs/sac-hopper
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .data import DEFAULT_DATASET_ID
+
 
 @dataclass(frozen=True)
 class CollectPreset:
@@ -28,13 +30,22 @@ class CollectPreset:
 
 
 COLLECT_PRESETS = {
+    # the actors are snapshots of one SAC run (hopper-sac-snapshots.csv): replay-1/2/3 at 10k/40k/80k steps,
+    # medium at 108k, expert at 116k; dataset versions were bumped when the actors changed
     "hopper-medium": CollectPreset(
-        "hopper", "dydiff/hopper/medium-v0", ("medium",), 200_000,
-        "Hopper-v5, stochastic SAC snapshot at about a third of expert return (D4RL 'medium' recipe)."),
+        "hopper", DEFAULT_DATASET_ID, ("medium",), 200_000,
+        "Hopper-v5, stochastic SAC snapshot at about 30 % of the D4RL expert score (D4RL 'medium' recipe)."),
     "hopper-medium-replay": CollectPreset(
-        "hopper", "dydiff/hopper/medium-replay-v0", ("replay-1", "replay-2", "replay-3", "medium"), 200_000,
+        "hopper", "dydiff/hopper/medium-replay-v1", ("replay-1", "replay-2", "replay-3", "medium"), 200_000,
         "Hopper-v5, equal shares of SAC snapshots from the start of training up to the medium snapshot "
         "(a reproducible stand-in for D4RL 'medium-replay', which is the replay buffer itself)."),
+    "hopper-expert": CollectPreset(
+        "hopper", "dydiff/hopper/expert-v0", ("expert",), 200_000,
+        "Hopper-v5, stochastic SAC snapshot at about 90 % of the D4RL expert score."),
+    # the medium half is the same episodes as hopper-medium (same actor, seed and share), as in D4RL
+    "hopper-medium-expert": CollectPreset(
+        "hopper", "dydiff/hopper/medium-expert-v0", ("medium", "expert"), 400_000,
+        "Hopper-v5, the hopper-medium episodes plus as many steps of the expert snapshot (D4RL 'medium-expert')."),
     "hopper-random": CollectPreset(
         "hopper", "dydiff/hopper/random-v0", ("random",), 100_000, "Hopper-v5, uniform random actions."),
 }
@@ -169,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train bundle models on a Minari dataset")
     p.add_argument("model", choices=["all", "diffusion", "dynamics", "reward", "bc"])
-    p.add_argument("--dataset", default="dydiff/hopper/medium-v0", help="Minari dataset id")
+    p.add_argument("--dataset", default=DEFAULT_DATASET_ID, help="Minari dataset id")
     p.add_argument("--out", required=True, help="bundle directory")
     p.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "paper"])
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")

@@ -22,6 +22,11 @@ import numpy as np
 from .tasks import get_task
 
 
+# The dataset `dydiff-env collect hopper-medium` writes and the shipped bundle was trained on. The version was
+# bumped (v0 -> v1) when the shipped medium actor changed, so data from an older actor is never mixed up with it.
+DEFAULT_DATASET_ID = "dydiff/hopper/medium-v1"
+
+
 class DatasetNotFoundError(FileNotFoundError):
     pass
 
@@ -104,7 +109,7 @@ def load_dataset(dataset_id: str) -> OfflineData:
     except (FileNotFoundError, ValueError) as err:
         raise DatasetNotFoundError(
             f"Minari dataset '{dataset_id}' is not in {datasets_path()} ({err}). Create one in the real simulator "
-            f"with `dydiff-env collect hopper-medium` (id dydiff/hopper/medium-v0), or download a public one with "
+            f"with `dydiff-env collect hopper-medium` (id {DEFAULT_DATASET_ID}), or download a public one with "
             f"`pip install 'minari[hf]' && minari download {dataset_id}` on a machine with network access."
         ) from err
     obs, acts, rews, next_obs, terms, truncs, lengths, qpos, qvel = [], [], [], [], [], [], [], [], []

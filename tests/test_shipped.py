@@ -6,6 +6,7 @@ import pytest
 import dydiff_env
 from dydiff_env.behaviour import load_shipped_actor
 from dydiff_env.bundle import load_bundle
+from dydiff_env.data import DEFAULT_DATASET_ID
 from dydiff_env.env import shipped_bundle_path
 
 
@@ -14,7 +15,7 @@ def test_shipped_bundle_loads_and_is_small():
     size = sum(f.stat().st_size for f in path.iterdir())
     assert size < 20 * 2**20
     bundle = load_bundle(path, env_id="Hopper-v5", require=("diffusion", "dynamics", "reward", "bc"))
-    assert bundle.meta["dataset_id"] == "dydiff/hopper/medium-v0"
+    assert bundle.meta["dataset_id"] == DEFAULT_DATASET_ID
     assert len(bundle.start_states["observations"]) > 0
 
 
@@ -29,7 +30,7 @@ def test_make_with_no_arguments_uses_the_shipped_bundle():
     assert np.isfinite(obs).all() and np.isfinite(reward)
 
 
-@pytest.mark.parametrize("name", ["medium", "replay-1", "replay-2", "replay-3"])
+@pytest.mark.parametrize("name", ["medium", "replay-1", "replay-2", "replay-3", "expert"])
 def test_shipped_behaviour_actors(name):
     actor = load_shipped_actor("hopper", name)
     actions = actor.act(np.zeros((4, 11), np.float32))
@@ -38,4 +39,4 @@ def test_shipped_behaviour_actors(name):
 
 def test_unknown_shipped_actor_names_the_fix():
     with pytest.raises(FileNotFoundError, match="behaviour train"):
-        load_shipped_actor("hopper", "expert")
+        load_shipped_actor("hopper", "grandmaster")
