@@ -40,3 +40,28 @@ def test_shipped_behaviour_actors(name):
 def test_unknown_shipped_actor_names_the_fix():
     with pytest.raises(FileNotFoundError, match="behaviour train"):
         load_shipped_actor("hopper", "grandmaster")
+
+
+def test_every_collect_preset_names_shipped_actors():
+    from dydiff_env.cli import COLLECT_PRESETS
+
+    for name, preset in COLLECT_PRESETS.items():
+        for actor in preset.actors:
+            if actor != "random":
+                load_shipped_actor(preset.task, actor)  # raises if a preset names an actor that is not shipped
+
+
+def test_medium_expert_starts_with_the_medium_episodes():
+    """As in D4RL, medium-expert is the medium data plus expert data: same actor, seed and share, same episodes."""
+    from dydiff_env.cli import main
+    from dydiff_env.data import load_dataset
+
+    assert main(["collect", "hopper-medium", "--steps", "150", "--dataset-id", "test/hopper/m-v0"]) == 0
+    assert main(["collect", "hopper-medium-expert", "--steps", "300", "--dataset-id", "test/hopper/me-v0"]) == 0
+    medium, medium_expert = load_dataset("test/hopper/m-v0"), load_dataset("test/hopper/me-v0")
+    n = len(medium)
+    assert len(medium_expert) > n
+    np.testing.assert_array_equal(medium_expert.observations[:n], medium.observations)
+    np.testing.assert_array_equal(medium_expert.actions[:n], medium.actions)
+    # the rest is the expert's, which survives longer than the medium actor on average
+    assert medium_expert.episode_returns[len(medium.episode_returns):].mean() > medium.episode_returns.mean()
