@@ -60,7 +60,7 @@ def add_shared_args(parser: argparse.ArgumentParser) -> None:
                         help="torch threads (default: all cores; pass 1 when another job shares the machine)")
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--eval-max-steps", type=int, default=None, help="cap evaluation episodes (default: 1000)")
-    parser.add_argument("--out", default=None, help="run directory (default: runs/<script>-seed<seed>)")
+    parser.add_argument("--out", default=None, help="run directory (default: runs/<script>-seed<seed>, with -nodydiff for real-data-only runs)")
     parser.add_argument("--iterations", type=int, default=2, help="DyDiff iterations M (0 = single-step model)")
     parser.add_argument("--sampler-steps", type=int, default=None, help="EDM sampler steps (default: the bundle's)")
 

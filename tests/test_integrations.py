@@ -246,3 +246,13 @@ def test_tianshou_example_runs(tianshou, tiny_dataset, tiny_bundle, tmp_path):
     assert len(summary["collections"]) == 2 and summary["model_rows"] == 32
     assert math.isfinite(summary["critic1_loss"])
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "td3bc.pt").is_file()
+
+
+def test_tianshou_real_only_run_has_its_own_default_directory(tianshou, tiny_dataset, tmp_path, monkeypatch):
+    # the DyDiff run and the --real-fraction 1 baseline are run side by side; neither may overwrite the other
+    monkeypatch.chdir(tmp_path)
+    example = load_example("tianshou_td3bc")
+    example.main(["--steps", "20", "--real-fraction", "1", "--dataset", TINY_DATASET_ID, "--eval-episodes", "1",
+                  "--eval-max-steps", "10", "--batch-size", "32"])
+    assert (tmp_path / "runs" / "tianshou_td3bc-seed0-nodydiff" / "summary.json").is_file()
+    assert not (tmp_path / "runs" / "tianshou_td3bc-seed0").exists()
