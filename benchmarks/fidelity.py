@@ -253,6 +253,7 @@ def _td3bc_policy(data: OfflineData, steps: int, seed: int, cache_dir: Path) -> 
     from agents import TD3BC
     from agents.buffers import ReplayBuffer
 
+    torch.manual_seed(seed)  # before the networks are built: their initial weights come from the global RNG
     agent = TD3BC.from_data(data)
     path = cache_dir / f"td3bc-{data.content_hash}-{steps}steps-seed{seed}.safetensors"
     info = {"kind": "td3bc", "steps": steps, "cache": str(path)}
@@ -262,7 +263,6 @@ def _td3bc_policy(data: OfflineData, steps: int, seed: int, cache_dir: Path) -> 
         agent.normalizer.load_state_dict({k[11:]: v for k, v in state.items() if k.startswith("normalizer.")})
         info["cached"] = True
     else:
-        torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         buffer = ReplayBuffer.from_offline(data)
         begin = time.perf_counter()

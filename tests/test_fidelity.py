@@ -205,6 +205,13 @@ def test_td3bc_policy_is_trained_then_cached(tiny_bundle, tiny_dataset, tmp_path
     with pytest.raises(ValueError, match="unknown --policy"):
         fidelity.build_policy("nonsense", bundle, tiny_dataset, 4, 0, tmp_path)
 
+    # the seed alone fixes the trained policy, whatever the global RNG held before (a fresh process starts
+    # torch's global RNG from a random seed; the initial weights once came from it)
+    torch.manual_seed(12345)
+    retrained, info3 = fidelity.build_policy("td3bc", bundle, tiny_dataset, 4, 0, tmp_path / "fresh")
+    assert not info3["cached"]
+    torch.testing.assert_close(retrained(obs), policy(obs), rtol=0, atol=0)
+
     from dydiff_env.behaviour import GaussianActor
 
     actor = GaussianActor(11, 3, (16,))
