@@ -19,10 +19,8 @@ import torch
 
 from dydiff_env.data import DEFAULT_DATASET_ID, DatasetNotFoundError, OfflineData, load_dataset
 
-DEFAULT_DATASET = DEFAULT_DATASET_ID
 
-
-def ensure_dataset(dataset_id: str = DEFAULT_DATASET, seed: int = 0) -> OfflineData:
+def ensure_dataset(dataset_id: str = DEFAULT_DATASET_ID, seed: int = 0) -> OfflineData:
     try:
         return load_dataset(dataset_id)
     except DatasetNotFoundError:
@@ -52,7 +50,7 @@ def dydiff_rollout_fn(env) -> Callable:
 
 def add_shared_args(parser: argparse.ArgumentParser) -> None:
     """The flags every example has: data, bundle, seed, device, threads, evaluation, output, DyDiff settings."""
-    parser.add_argument("--dataset", default=DEFAULT_DATASET, help="Minari dataset id (collected on first use if known)")
+    parser.add_argument("--dataset", default=DEFAULT_DATASET_ID, help="Minari dataset id (collected on first use if known)")
     parser.add_argument("--bundle", default=None, help="bundle directory (default: the shipped Hopper bundle)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -60,7 +58,8 @@ def add_shared_args(parser: argparse.ArgumentParser) -> None:
                         help="torch threads (default: all cores; pass 1 when another job shares the machine)")
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--eval-max-steps", type=int, default=None, help="cap evaluation episodes (default: 1000)")
-    parser.add_argument("--out", default=None, help="run directory (default: runs/<script>-seed<seed>, with -nodydiff for real-data-only runs)")
+    parser.add_argument("--out", default=None,
+                        help="run directory (default: runs/<script>-seed<seed>, with -nodydiff for real-data-only runs)")
     parser.add_argument("--iterations", type=int, default=2, help="DyDiff iterations M (0 = single-step model)")
     parser.add_argument("--sampler-steps", type=int, default=None, help="EDM sampler steps (default: the bundle's)")
 

@@ -84,7 +84,6 @@ from dydiff_env.rollout import (FilterConfig, RolloutResult, behaviour_policy, c
 METHODS = ("ensemble", "dydiff-M1", "dydiff-M2", "dydiff-M3", "behaviour-prior", "env")
 ITERATIONS = {"ensemble": 0, "dydiff-M1": 1, "dydiff-M2": 2, "dydiff-M3": 3, "behaviour-prior": 2, "env": 2}
 REGIMES = ("teacher-forced", "policy-driven")
-DEFAULT_DATASET = DEFAULT_DATASET_ID
 DEFAULT_OUT = Path("benchmarks/results/fidelity")
 QUICK = {"num_starts": 32, "horizon": 16, "sampler_steps": 10, "policy_steps": 1000}
 FULL = {"num_starts": 256, "policy_steps": 5000}
@@ -540,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", default=None, help="bundle directory (default: the shipped hopper bundle)")
-    p.add_argument("--dataset", default=DEFAULT_DATASET, help="Minari dataset with recorded qpos/qvel")
+    p.add_argument("--dataset", default=DEFAULT_DATASET_ID, help="Minari dataset with recorded qpos/qvel")
     p.add_argument("--policy", default="td3bc", help="td3bc | bc | snapshot:PATH | module:func (default td3bc)")
     p.add_argument("--policy-steps", type=int, default=None,
                    help=f"TD3+BC updates (default {FULL['policy_steps']}, --quick {QUICK['policy_steps']}); cached in --out")
