@@ -36,6 +36,11 @@ def ensure_dataset(dataset_id: str = DEFAULT_DATASET_ID, seed: int = 0) -> Offli
         return load_dataset(dataset_id)
 
 
+def default_run_dir(script: str, seed: int, real_only: bool = False) -> str:
+    """runs/<script>-seed<seed>, with -nodydiff for a real-data-only run so it never overwrites the DyDiff run."""
+    return os.path.join("runs", f"{script}-seed{seed}{'-nodydiff' if real_only else ''}")
+
+
 def dydiff_rollout_fn(env) -> Callable:
     """`OfflineTrainer` rollout source backed by a `DydiffEnv` (see the module docstring)."""
     from dydiff_env.policies import as_policy
@@ -97,7 +102,7 @@ def run_offline(name: str, make_agent: Callable[[OfflineData, str], object], arg
         if args.sampler_steps:
             env.sampler = replace(env.sampler, num_steps=args.sampler_steps)
         rollout_fn = dydiff_rollout_fn(env)
-    out = args.out or os.path.join("runs", f"{name}-seed{args.seed}{'-nodydiff' if args.no_dydiff else ''}")
+    out = args.out or default_run_dir(name, args.seed, real_only=args.no_dydiff)
     config = TrainerConfig(total_steps=args.steps, real_fraction=args.real_fraction, rollout_every=args.rollout_every,
                            rollout_starts=args.rollout_starts, eval_every=args.eval_every,
                            eval_episodes=args.eval_episodes, eval_max_episode_steps=args.eval_max_steps,

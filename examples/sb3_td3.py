@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
     from stable_baselines3.common.vec_env import VecMonitor
 
     from agents.evaluation import evaluate
-    from agents.recipes import ensure_dataset
+    from agents.recipes import default_run_dir, ensure_dataset
 
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
                "train_seconds": round(train_seconds, 1),
                "score": result.normalized_mean, "score_std": result.normalized_std, "return": result.mean,
                "score_label": result.label, "eval": result.as_dict()}
-    out = args.out or os.path.join("runs", f"sb3_td3-seed{args.seed}")
+    out = args.out or default_run_dir("sb3_td3", args.seed)
     os.makedirs(out, exist_ok=True)
     model.save(os.path.join(out, "td3"))
     with open(os.path.join(out, "summary.json"), "w") as f:

@@ -189,7 +189,7 @@ def train(algorithm, real_buffer, model_env, args) -> dict:
 
 def main(argv=None) -> dict:
     from agents.evaluation import evaluate
-    from agents.recipes import ensure_dataset
+    from agents.recipes import default_run_dir, ensure_dataset
     from dydiff_env.policies import as_policy
 
     args = build_parser().parse_args(argv)
@@ -213,9 +213,7 @@ def main(argv=None) -> dict:
                "dataset_rows": len(data), **log, "env_stats": dict(model_env.venv.stats) if model_env else {},
                "score": result.normalized_mean, "score_std": result.normalized_std, "return": result.mean,
                "score_label": result.label, "eval": result.as_dict()}
-    # a real-data-only run gets its own default directory, so it never overwrites the DyDiff run's results
-    real_only = "-nodydiff" if model_env is None else ""  # as train_td3bc.py names its --no-dydiff runs
-    out = args.out or os.path.join("runs", f"tianshou_td3bc-seed{args.seed}{real_only}")
+    out = args.out or default_run_dir("tianshou_td3bc", args.seed, real_only=model_env is None)
     os.makedirs(out, exist_ok=True)
     torch.save(algorithm.state_dict(), os.path.join(out, "td3bc.pt"))
     with open(os.path.join(out, "summary.json"), "w") as f:

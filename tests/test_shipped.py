@@ -45,7 +45,7 @@ def test_unknown_shipped_actor_names_the_fix():
 def test_every_collect_preset_names_shipped_actors():
     from dydiff_env.cli import COLLECT_PRESETS
 
-    for name, preset in COLLECT_PRESETS.items():
+    for preset in COLLECT_PRESETS.values():
         for actor in preset.actors:
             if actor != "random":
                 load_shipped_actor(preset.task, actor)  # raises if a preset names an actor that is not shipped
