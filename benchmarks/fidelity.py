@@ -21,6 +21,10 @@ Regimes (reported separately):
   deterministic BC action, relabelled like a policy action.
 - policy-driven: a learning policy different from the behaviour policy (--policy), in the simulator and in
   the models (`dydiff_rollout` itself).
+- noisy-policy: the same policy plus N(0, 0.1) noise per action (as TD3 explores), clipped to [-1, 1]; one
+  noise draw per start and step, used by the simulator and by every model (a time-indexed policy).
+- random-actions: uniform random actions, one draw per start and step, the same in the simulator and the
+  models (open loop). With the noisy policy, the agents the env serves from its single-step model.
 
 Methods (--methods):
 - ensemble: `dydiff_rollout` with M = 0, the single-step ensemble alone (MBPO/MOPO-style compounding rollout);
@@ -28,13 +32,14 @@ Methods (--methods):
 - behaviour-prior: DyDiff (M = 2) driven by the bundle's stochastic BC policy, i.e. the regime's actions are
   *not* injected (what a diffusion model without policy injection would predict). It is one computation
   shared by both regimes; only the true trajectory it is compared with differs;
-- env: `DydiffEnv` with its default settings (M = 2, plans of 3/4 of the window, re-planning at a plan's end
-  and on deviation; filter "none", no time limit) started at the same states (`reset_to`) and stepped with the
-  regime's actions. policy-driven: its policy handle is the learning policy (on plan it serves the DyDiff plan
-  bit for bit, so up to its first re-plan it matches dydiff-M2 up to sampling noise); teacher-forced: the handle
-  is left at the default (BC plans), and the recorded actions drive it through the env's off-plan correction
-  and re-planning.
-Every method runs unfiltered (filter "none"): the filter picks trajectories by predicted return, which would
+- env: `DydiffEnv` with its default settings (plans="auto", M = 2, plans of 3/4 of the window continued at
+  their ends; filter "none", no time limit) started at the same states (`reset_to`), with the learning policy
+  as its handle, and stepped with the regime's actions. policy-driven: the agent acts as the handle, so the env
+  serves DyDiff plans (the first from the start state, matching dydiff-M2 up to sampling noise, then their
+  continuations); every other regime leaves the plan at the first step, so the env steps its single-step
+  model (`model_dynamics`, by default one random elite's mean): these rows measure the env's own off-plan
+  transitions against MuJoCo.
+behaviour-prior runs in the first two regimes only. Every method runs unfiltered (filter "none"): the filter picks trajectories by predicted return, which would
 change which start states are compared. Every method has its own seeded generator.
 
 Metrics per horizon h = 1..H (see `fidelity_metrics`): normalised state error mean_d |s_model - s_true| / std_d
@@ -83,7 +88,8 @@ from dydiff_env.rollout import (FilterConfig, RolloutResult, behaviour_policy, c
 
 METHODS = ("ensemble", "dydiff-M1", "dydiff-M2", "dydiff-M3", "behaviour-prior", "env")
 ITERATIONS = {"ensemble": 0, "dydiff-M1": 1, "dydiff-M2": 2, "dydiff-M3": 3, "behaviour-prior": 2, "env": 2}
-REGIMES = ("teacher-forced", "policy-driven")
+REGIMES = ("teacher-forced", "policy-driven", "noisy-policy", "random-actions")
+NOISE_STD = 0.1  # the noisy-policy regime's exploration noise
 DEFAULT_OUT = Path("benchmarks/results/fidelity")
 QUICK = {"num_starts": 32, "horizon": 16, "sampler_steps": 10, "policy_steps": 1000}
 FULL = {"num_starts": 256, "policy_steps": 5000}
@@ -103,6 +109,7 @@ class Trajectories:
     returns: np.ndarray
     seconds: float
     nonfinite: int = 0
+    plan_share: float | None = None  # env only: the share of transitions served from DyDiff plans
 
     @classmethod
     def from_rollout(cls, result: RolloutResult, seconds: float) -> "Trajectories":
@@ -143,6 +150,21 @@ def recorded_actions(data: OfflineData, rows: np.ndarray, length: int) -> tuple[
     actions = data.actions[np.minimum(index, len(data) - 1)].astype(np.float32)
     actions[~available] = 0.0
     return actions, available
+
+
+class NoisyPolicy:
+    """Time-indexed policy: `policy(obs)` plus the fixed noise of trajectory `row` at step t, clipped to [-1, 1]."""
+
+    time_indexed = True
+
+    def __init__(self, policy: TorchPolicy, noise: np.ndarray):
+        self.policy = policy
+        self.noise = torch.as_tensor(noise, dtype=torch.float32)
+
+    def __call__(self, obs: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        base = call_policy(self.policy, obs, self.noise.shape[-1])
+        t = t.cpu().clamp(max=self.noise.shape[1] - 1)
+        return (base + self.noise[rows.cpu(), t].to(obs.device)).clamp(-1.0, 1.0)
 
 
 class RecordedActions:
@@ -213,15 +235,15 @@ def simulate(env_id: str, qpos: np.ndarray, qvel: np.ndarray,
 def env_rollout(bundle: Bundle, start_obs: np.ndarray, act: Callable[[int, np.ndarray], np.ndarray],
                 plan_policy: TorchPolicy | None, horizon: int, sampler: SamplerConfig, seed: int,
                 dynamics_mode: str = "elite_mean", num_iterations: int = 2) -> Trajectories:
-    """`DydiffEnv` (default plan horizon and re-planning) with N sub-envs started at `start_obs` and stepped
-    with `act(t, obs (N, D))` for `horizon` steps; `plan_policy` is its policy handle (None: the bundle's BC). A sub-env's trajectory ends at its first
-    termination or non-finite truncation (recorded as termination, as `dydiff_rollout` does); later steps (the
-    env auto-resets it) are not used."""
+    """`DydiffEnv` (default plans and continuations) with N sub-envs started at `start_obs` and stepped with
+    `act(t, obs (N, D))` for `horizon` steps; `plan_policy` is its policy handle (None: none). A sub-env's
+    trajectory ends at its first termination or non-finite truncation (recorded as termination, as
+    `dydiff_rollout` does); later steps (the env auto-resets it) are not used."""
     n = len(start_obs)
     start = time.perf_counter()
     env = DydiffEnv(num_envs=n, bundle=bundle, num_iterations=num_iterations,
                     sampler=sampler, filter="none", pool_size=min(n, 16), max_episode_steps=None,
-                    dynamics_mode=dynamics_mode)
+                    rollout_dynamics=dynamics_mode, model_dynamics=dynamics_mode)
     if plan_policy is not None:
         env.set_policy(plan_policy, input="torch")
     obs, _ = env.reset_to(start_obs, seed=seed)
@@ -231,8 +253,10 @@ def env_rollout(bundle: Bundle, start_obs: np.ndarray, act: Callable[[int, np.nd
     terminated = np.zeros((n, horizon), bool)
     done = np.zeros(n, bool)
     failed = np.zeros(n, bool)
+    plan_steps = 0
     for t in range(horizon):
         obs, reward, term, trunc, info = env.step(np.asarray(act(t, obs.astype(np.float32)), dtype=np.float32))
+        plan_steps += int(((info["mode"] == "plan") & ~done).sum())
         live = ~done
         states[live, t + 1] = obs[live]
         rewards[live, t] = reward[live]
@@ -240,7 +264,9 @@ def env_rollout(bundle: Bundle, start_obs: np.ndarray, act: Callable[[int, np.nd
         failed |= live & info["nonfinite"]
         done |= term | trunc
     env.close()
-    return Trajectories(states, rewards, terminated, rewards.sum(1), time.perf_counter() - start, int(failed.sum()))
+    traj = Trajectories(states, rewards, terminated, rewards.sum(1), time.perf_counter() - start, int(failed.sum()))
+    traj.plan_share = plan_steps / max(1, int((~np.isnan(states[:, 1:, 0])).sum()))
+    return traj
 
 
 # ------------------------------------------------------------------------------------------------- policies
@@ -344,6 +370,8 @@ def evaluate_methods(bundle: Bundle, start_obs: np.ndarray, truth: Trajectories,
         curve = state_error_curve(traj.states, truth.states, truth.terminated, std)
         out[method] = {
             "iterations": m, "seconds": round(traj.seconds, 3), "nonfinite": traj.nonfinite, "note": note,
+            "length_mean": float(trajectory_length(traj.terminated).mean()), "return_mean": float(traj.returns.mean()),
+            "plan_share": traj.plan_share,
             "state_error": {k: v.tolist() for k, v in curve.items()},
             "return_error": return_error(traj.returns, truth.returns),
             "termination": {k: v.tolist() for k, v in termination_agreement(traj.terminated, truth.terminated).items()},
@@ -408,12 +436,27 @@ def run(args: argparse.Namespace, log=print) -> dict:
         return call_policy(policy, torch.as_tensor(obs, dtype=torch.float32), act_dim).cpu().numpy()
 
     truths["policy-driven"] = simulate(bundle.task.env_id, qpos, qvel, policy_act, horizon)
+    # exploration: one noise draw (and one random action) per start and step, shared by the simulator and models
+    draws = np.random.default_rng(args.seed + 7919)
+    noise = (NOISE_STD * draws.standard_normal((len(rows), max(length, horizon + 1), act_dim))).astype(np.float32)
+    uniform = draws.uniform(-1, 1, (len(rows), max(length, horizon + 1), act_dim)).astype(np.float32)
+    noisy_fn = NoisyPolicy(policy, noise)
+
+    def noisy_act(t, obs, ids=None):
+        ids = np.arange(len(obs)) if ids is None else ids
+        return np.clip(policy_act(t, obs) + noise[ids, t], -1.0, 1.0)
+
+    truths["noisy-policy"] = simulate(bundle.task.env_id, qpos, qvel, noisy_act, horizon)
+    truths["random-actions"] = simulate(bundle.task.env_id, qpos, qvel, lambda t, obs, ids: uniform[ids, t], horizon)
 
     fallback = (lambda obs: bundle.bc.act(obs, deterministic=True)) if bundle.bc is not None else None
     recorded_fn = RecordedActions(rec, available, fallback)
     regime_inputs = {
-        "teacher-forced": (recorded_fn, lambda t, obs: rec[:, t], None),
+        "teacher-forced": (recorded_fn, lambda t, obs: rec[:, t], policy),
         "policy-driven": (policy, policy_act, policy),
+        "noisy-policy": (noisy_fn, noisy_act, policy),
+        "random-actions": (RecordedActions(uniform, np.ones(uniform.shape[:2], bool)), lambda t, obs: uniform[:, t],
+                           policy),
     }
     shared: dict = {}
     results = {
@@ -432,7 +475,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     for regime in REGIMES:
         truth = truths[regime]
         action_fn, step_act, plan_policy = regime_inputs[regime]
-        per_method = evaluate_methods(bundle, start_obs, truth, regime, methods, action_fn, step_act, plan_policy,
+        regime_methods = [m for m in methods if regime in REGIMES[:2] or m != "behaviour-prior"]
+        per_method = evaluate_methods(bundle, start_obs, truth, regime, regime_methods, action_fn, step_act, plan_policy,
                                       horizon, sampler, args.seed, args.dynamics_mode, shared, log)
         curves = {m: {k: np.asarray(v, np.float64) for k, v in r["state_error"].items()} for m, r in per_method.items()}
         crossover = {m: crossover_horizon(curves[m], curves["ensemble"]) for m in per_method
@@ -490,8 +534,8 @@ def markdown_table(results: dict) -> str:
         out += ["", f"### {regime} (true return {t['return_mean']:.1f}, {100 * t['terminated_fraction']:.0f}% of true "
                 f"trajectories terminate, real simulator {t['seconds']:.1f}s)", "",
                 "| method | " + " | ".join(f"err h={h}" for h in cols)
-                + " | n@H | return abs err (rel) | term. agree @H | time s |",
-                "|---|" + "---|" * (len(cols) + 4)]
+                + " | n@H | return abs err (rel) | term. agree @H | length (true) | return (true) | time s |",
+                "|---|" + "---|" * (len(cols) + 6)]
         for method, m in r["methods"].items():
             e = m["state_error"]
             cells = []
@@ -501,7 +545,9 @@ def markdown_table(results: dict) -> str:
                 cells.append(f"{_fmt(mean)} +- {_fmt(half)}" if half is not None else _fmt(mean))
             re = m["return_error"]
             out.append(f"| {method} | " + " | ".join(cells) + f" | {e['n'][-1]} | {_fmt(re['abs_mean'], 1)} ({_fmt(re['relative'], 2)})"
-                       f" | {_fmt(m['termination']['agreement'][-1], 2)} | {m['seconds']:.1f} |")
+                       f" | {_fmt(m['termination']['agreement'][-1], 2)} | {_fmt(m['length_mean'], 1)} "
+                       f"({_fmt(t['length_mean'], 1)}) | {_fmt(m['return_mean'], 1)} ({_fmt(t['return_mean'], 1)})"
+                       f" | {m['seconds']:.1f} |")
         out += ["", f"Headline ({regime}): {results['headline'][regime]}"]
     return "\n".join(out)
 
@@ -513,8 +559,12 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     regimes = list(results["regimes"])
-    fig, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4.2), squeeze=False)
-    for ax, regime in zip(axes[0], regimes):
+    ncols = min(2, len(regimes))
+    nrows = math.ceil(len(regimes) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(regimes):]:
+        ax.set_visible(False)
+    for ax, regime in zip(axes.flat, regimes):
         for method, m in results["regimes"][regime]["methods"].items():
             e = {k: np.asarray(v, np.float64) for k, v in m["state_error"].items() if k in ("mean", "low", "high")}
             h = np.arange(1, len(e["mean"]) + 1)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import gymnasium
 
 from .bundle import Bundle, BundleError, load_bundle
-from .config import DiffusionConfig, DynamicsConfig, SamplerConfig, TrainConfig, preset
+from .config import DiffusionConfig, DynamicsConfig, EnvConfig, FilterConfig, SamplerConfig, TrainConfig, preset
 from .data import DatasetNotFoundError, OfflineData, load_dataset
 from .env import DydiffEnv, DydiffSingleEnv, shipped_bundle_path
 from .policies import as_policy
-from .rollout import FilterConfig, PolicyError, RolloutResult, behaviour_policy, dydiff_rollout
+from .rollout import PolicyError, RolloutResult, behaviour_policy, dydiff_rollout
 from .tasks import TASKS, get_task
 
 __version__ = "0.1.0"
@@ -39,7 +39,7 @@ _register()
 
 __all__ = [
     "Bundle", "BundleError", "DatasetNotFoundError", "DiffusionConfig", "DydiffEnv", "DydiffSingleEnv",
-    "DynamicsConfig", "ENV_IDS", "FilterConfig", "OfflineData", "PolicyError", "RolloutResult", "SamplerConfig",
+    "DynamicsConfig", "ENV_IDS", "EnvConfig", "FilterConfig", "OfflineData", "PolicyError", "RolloutResult", "SamplerConfig",
     "TASKS", "TrainConfig", "as_policy", "behaviour_policy", "dydiff_rollout", "get_task", "load_bundle",
     "load_dataset", "preset", "shipped_bundle_path",
 ]

@@ -10,7 +10,7 @@ through the adapters (`get_attr`, `env_method`, `get_env_attr`...) are those of 
 - `reset()` returns the observations only; the seeds from `seed(s)` (s, s+1, ...) and the options from
   `set_options` are used once, at the next reset; per-env reset infos are in `reset_infos`.
 - `step_async(actions)` / `step_wait()` (or `step`) return obs, rewards (float32), dones (bool) and a list of
-  one info dict per sub-env: the step's DydiffEnv info keys (deviation, replanned, ...). A finished sub-env
+  one info dict per sub-env: the step's DydiffEnv info keys (mode, disagreement, ...). A finished sub-env
   is reset in the same step: `obs[i]` is the first observation of its next episode (its reset info goes to
   `reset_infos[i]`), `infos[i]["terminal_observation"]` the last one of the finished episode, and
   `infos[i]["TimeLimit.truncated"]` is True when the episode was truncated and not terminated (SB3
@@ -47,7 +47,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.vec_env import VecEnv
 
-from .env import INFO_KEYS, DydiffEnv
+from .env import INFO_DEFAULTS, DydiffEnv
 
 
 def _check_mode(venv: Any, mode: AutoresetMode, adapter: str, maker: str) -> None:
@@ -221,7 +221,7 @@ class TianshouVectorEnv:
         ids = _as_ids(env_id, self.env_num)
         seed = seed if seed is not None else self._pending_seed
         self._pending_seed = None
-        if not self.venv._started or len(ids) == self.env_num:
+        if not self.venv.started or len(ids) == self.env_num:
             obs, infos = self.venv.reset(seed=seed, options=options)
             self._done[:], self._stale[:] = False, False
         else:
@@ -264,7 +264,7 @@ class TianshouVectorEnv:
             raise RuntimeError("TianshouVectorEnv is closed")
 
     def _check_steppable(self, ids: np.ndarray) -> None:
-        if not self.venv._started:
+        if not self.venv.started:
             raise RuntimeError("call reset() before step()")
         for flags, why in ((self._done, "finished"), (self._stale, "advanced in the background while left out of "
                                                                    "a step")):
@@ -281,20 +281,16 @@ class TianshouVectorEnv:
             self._done[env_ids], self._stale[env_ids] = False, True
 
     def _background_actions(self) -> np.ndarray:
-        """Each sub-env's current plan action: a sub-env left out of a step follows its plan (on plan: the
-        env serves the stored transition, no model call)."""
-        venv = self.venv
-        t = venv._t.clamp(max=venv.horizon - 1).to(venv._plan_actions.device)
-        rows = torch.arange(self.env_num, device=venv._plan_actions.device)
-        return venv._plan_actions[rows, t].cpu().numpy().astype(np.float32)
+        """Each sub-env's current plan action: a sub-env left out of a step follows its plan if it has one (the
+        env serves the stored transition); one in model mode is stepped with zeros."""
+        return self.venv.planned_actions()
 
     def _infos(self, infos: dict, ids: np.ndarray) -> np.ndarray:
         """Object array of one dict per id, with one key set for resets and steps (module docstring)."""
         rows = _per_env_infos(infos, ids)
         out = np.empty(len(ids), dtype=object)
         for k, (i, row) in enumerate(zip(ids, rows)):
-            full = {key: (0.0 if key in ("deviation", "disagreement", "plan_return") else
-                          (0 if key == "clipped_actions" else False)) for key in INFO_KEYS}
+            full = dict(INFO_DEFAULTS)
             full.update(row)
             full["env_id"] = int(i)
             out[k] = full

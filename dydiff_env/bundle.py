@@ -162,6 +162,29 @@ class Bundle:
             raise BundleError(f"bundle {self.path} has no {', '.join(missing)} model; train it with "
                               f"`dydiff-env train {missing[0]} --dataset {self.meta.get('dataset_id')} --out {self.path}`")
 
+    def sample_start_obs(self, count: int, rng: np.random.Generator, episode_starts: bool = False) -> torch.Tensor:
+        """`count` stored dataset observations: drawn as if uniformly from the whole dataset (default), or from
+        its episode starts only. The stored sample holds every episode start plus a uniform subsample of the
+        other rows, so each stored row is weighted by how many dataset rows of its kind it stands for."""
+        starts = self.start_states
+        if not starts:
+            raise BundleError(f"bundle {self.path} stores no start states; re-train or re-export it")
+        is_start = np.asarray(starts["is_episode_start"], dtype=bool)
+        if episode_starts and is_start.any():
+            pick = np.flatnonzero(is_start)[rng.integers(0, int(is_start.sum()), size=count)]
+        else:
+            pick = rng.choice(len(is_start), size=count, p=self._start_weights())
+        return torch.as_tensor(starts["observations"][pick], device=self.device)
+
+    def _start_weights(self) -> np.ndarray:
+        is_start = np.asarray(self.start_states["is_episode_start"], dtype=bool)
+        stored_starts, stored_rest = int(is_start.sum()), int((~is_start).sum())
+        episodes, rows = self.meta.get("dataset_episodes"), self.meta.get("dataset_transitions")
+        if not (stored_starts and stored_rest and episodes and rows and rows > episodes):
+            return np.full(len(is_start), 1.0 / len(is_start))  # nothing to correct for
+        weights = np.where(is_start, episodes / stored_starts, (rows - episodes) / stored_rest)
+        return weights / weights.sum()
+
     def to(self, device: str | torch.device) -> "Bundle":
         self.device = torch.device(device)
         for kind in MODEL_FILES:

@@ -1,5 +1,6 @@
-"""Typed configurations. Defaults are the reference implementation's values (../notes: reference-method);
-`PRESETS` scale them down for CPUs (`cpu`) and for tests (`tiny`).
+"""Typed configurations. Training defaults are the reference implementation's values (../notes:
+reference-method); `PRESETS` scale them down for CPUs (`cpu`) and for tests (`tiny`). `FilterConfig` and
+`EnvConfig` configure the rollout's filter and `DydiffEnv`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,25 @@ class SamplerConfig:
     s_min: float = 0.37
     s_max: float = 52.24
     s_noise: float = 1.002
+
+
+@dataclass
+class FilterConfig:
+    """Which trajectories a rollout keeps. mode: "hardmax" (the top `keep_fraction` by predicted return),
+    "softmax" (that many drawn without replacement with p ~ exp(z / temperature), z the standardised
+    return), or "none"."""
+
+    mode: str = "hardmax"
+    keep_fraction: float = 0.6
+    temperature: float = 0.05
+
+    def __post_init__(self):
+        if self.mode not in ("hardmax", "softmax", "none"):
+            raise ValueError(f"filter mode must be 'hardmax', 'softmax' or 'none', got '{self.mode}'")
+        if not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -139,3 +159,124 @@ def preset(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
+
+
+# ------------------------------------------------------------------------------------------------ environment
+
+PLAN_MODES = ("auto", "always", "never")
+DYNAMICS_MODES = ("mean", "elite_mean", "sample")
+START_STATE_MODES = ("any", "episode_starts")
+AUTORESET_NAMES = ("NextStep", "SameStep", "Disabled")
+
+# keywords of the first DydiffEnv that no longer exist, with what replaced them
+REMOVED_ENV_KEYWORDS = {
+    "deviation_threshold": "off-plan steps are single-step model steps (Markov); to end uncertain episodes use "
+                           "max_disagreement, to penalise them uncertainty_penalty",
+    "on_deviation": "a sub-env that leaves its plan is stepped by the single-step model until its episode ends",
+    "on_plan_end": "an on-plan sub-env continues on a plan generated ahead of its plan's end; for short "
+                   "MBPO-style episodes set max_episode_steps",
+    "dynamics_mode": "use rollout_dynamics (inside DyDiff plans) and model_dynamics (off-plan steps)",
+}
+
+
+@dataclass
+class EnvConfig:
+    """Settings of `DydiffEnv` (see its module docstring for what each mode does). Every field can also be
+    passed as a keyword to `DydiffEnv`, `gymnasium.make` and `gymnasium.make_vec`; `filter` accepts a
+    mode name with `keep_fraction` / `temperature` keywords, `sampler` a dict of `SamplerConfig` fields.
+
+    plans: "auto" - serve DyDiff plans of the policy handle to sub-envs whose agent follows them (an agent
+        that does not is never made to wait for one); "always" - start every episode from a pool plan (the
+        bundle's behaviour-cloning policy plans when no handle is set); "never" - single-step model only.
+    horizon: transitions per plan (default: three quarters of the diffusion window).
+    num_iterations: DyDiff refinement rounds M of every plan (0: plans of the single-step ensemble).
+    sampler: EDM sampler of the plans (default: the bundle's).
+    filter: which pool plans are kept, by predicted return. It chooses among start states, so it applies to
+        pool plans only: a plan that must start where the agent is (a continuation, a first plan) is kept.
+    pool_size: plans per pool generation (default: max(num_envs, 16)).
+    refresh_every: regenerate the pool after this many served steps (None: when it is used up).
+    action_tolerance: an action within this max-abs distance of the plan's action is on plan.
+    rollout_dynamics: ensemble prediction inside plans ("elite_mean": one random elite's mean, the reference).
+    model_dynamics: ensemble prediction of off-plan steps ("mean" of the elites is deterministic, so equal
+        (state, action) pairs give equal next states; "elite_mean" and "sample" draw an elite, and a
+        Gaussian sample of it, MBPO-style).
+    uncertainty_penalty: MOPO's lambda: off-plan rewards are r(s, a) - lambda * disagreement.
+    max_disagreement: truncate an off-plan step whose ensemble disagreement exceeds this (None: never).
+    max_episode_steps: truncation limit (the real Hopper-v5 uses 1000; None: no limit).
+    start_states: "any" - reset to dataset states drawn uniformly from the dataset (the bundle's stored
+        sample is reweighted); "episode_starts" - to the dataset's episode starts only.
+    autoreset_mode: "NextStep" (Gymnasium's default), "SameStep" or "Disabled" (or `AutoresetMode` members
+        or their names).
+    device: torch device of the models.
+    """
+
+    plans: str = "auto"
+    horizon: int | None = None
+    num_iterations: int = 2
+    sampler: SamplerConfig | None = None
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    pool_size: int | None = None
+    refresh_every: int | None = None
+    action_tolerance: float = 1e-5
+    rollout_dynamics: str = "elite_mean"
+    model_dynamics: str = "elite_mean"
+    uncertainty_penalty: float = 0.0
+    max_disagreement: float | None = None
+    max_episode_steps: int | None = 1000
+    start_states: str = "any"
+    autoreset_mode: str = "NextStep"
+    device: str = "cpu"
+
+    def __post_init__(self):
+        def one_of(name, allowed):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+
+        one_of("plans", PLAN_MODES)
+        one_of("rollout_dynamics", DYNAMICS_MODES)
+        one_of("model_dynamics", DYNAMICS_MODES)
+        one_of("start_states", START_STATE_MODES)
+        autoreset = getattr(self.autoreset_mode, "value", self.autoreset_mode)  # an AutoresetMode member
+        names = {n.lower(): n for n in AUTORESET_NAMES} | {"next_step": "NextStep", "same_step": "SameStep"}
+        if not isinstance(autoreset, str) or autoreset.lower() not in names:
+            raise ValueError(f"autoreset_mode must be one of {list(AUTORESET_NAMES)} (or a gymnasium AutoresetMode), "
+                             f"got {self.autoreset_mode!r}")
+        self.autoreset_mode = names[autoreset.lower()]
+        if isinstance(self.sampler, dict):
+            self.sampler = SamplerConfig(**self.sampler)
+        if isinstance(self.filter, str):
+            self.filter = FilterConfig(self.filter)
+        elif isinstance(self.filter, dict):
+            self.filter = FilterConfig(**self.filter)
+        for name in ("horizon", "pool_size", "refresh_every", "max_episode_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not isinstance(self.num_iterations, int) or self.num_iterations < 0:
+            raise ValueError(f"num_iterations must be an integer >= 0, got {self.num_iterations!r}")
+        if not self.action_tolerance >= 0:
+            raise ValueError(f"action_tolerance must be >= 0, got {self.action_tolerance!r}")
+        if not self.uncertainty_penalty >= 0:
+            raise ValueError(f"uncertainty_penalty must be >= 0, got {self.uncertainty_penalty!r}")
+        if self.max_disagreement is not None and not self.max_disagreement > 0:
+            raise ValueError(f"max_disagreement must be > 0 or None, got {self.max_disagreement!r}")
+
+    @classmethod
+    def from_kwargs(cls, config: "EnvConfig | None" = None, **kwargs) -> "EnvConfig":
+        """`config` (or the defaults) with `kwargs` applied; `keep_fraction` / `temperature` update the filter.
+        Unknown keywords raise TypeError naming the valid ones (and what replaced a removed one)."""
+        base = dataclasses.asdict(config or cls())
+        base["sampler"] = (config.sampler if config is not None else None)
+        base["filter"] = dataclasses.replace(config.filter) if config is not None else FilterConfig()
+        filter_overrides = {k: kwargs.pop(k) for k in ("keep_fraction", "temperature") if k in kwargs}
+        for key in kwargs:
+            if key in REMOVED_ENV_KEYWORDS:
+                raise TypeError(f"DydiffEnv no longer takes '{key}': {REMOVED_ENV_KEYWORDS[key]}")
+            if key not in base:
+                raise TypeError(f"DydiffEnv got an unknown keyword '{key}'; EnvConfig fields are {sorted(base)} "
+                                "(plus keep_fraction and temperature for the filter)")
+        base.update(kwargs)
+        merged = cls(**base)
+        if filter_overrides:
+            merged.filter = FilterConfig(**{**dataclasses.asdict(merged.filter), **filter_overrides})
+        return merged

@@ -1,38 +1,58 @@
-"""DydiffEnv: DyDiff rollouts served as a vectorised Gymnasium environment.
+"""DydiffEnv: a learned simulator served as a vectorised Gymnasium environment.
 
     import gymnasium, dydiff_env
     env = gymnasium.make_vec("Dydiff-hopper-v0", num_envs=64, vectorization_mode="vector_entry_point")
-    env.set_policy(my_actor)          # the policy whose DyDiff rollouts the env serves
+    env.set_policy(my_actor)          # optional: the policy whose DyDiff plans the env serves
     obs, info = env.reset(seed=0)
     obs, reward, terminated, truncated, info = env.step(actions)
 
-How a step works. Every sub-env follows a *plan*: one DyDiff trajectory (states s_0..s_H, actions, rewards)
-taken from a pool that the env generates in large batches with the policy handle and filters by predicted
-return. `reset` puts a fresh plan's s_0 in front of the agent.
-- On plan: while the agent's state is the plan's and its action equals the plan's action (max abs difference
-  <= `action_tolerance`), the env serves the plan's transition unchanged, bit for bit.
-- Off plan: the next observation responds to the actual action through the single-step ensemble mean f,
-      next = plan[t+1] + f(x_t, a_t) - f(plan[t], plan_action[t]),
-  i.e. the diffusion plan's long-horizon shape plus the model's first-order response to the deviation of
-  state and action. The reward is the reward model's r(x_t, a_t). Once the deviation ||next - plan[t+1]||
-  (RMS over dimensions, in dataset-std units) exceeds `deviation_threshold`, the env either re-plans from the
-  current state (a new DyDiff rollout from `next`, batched across sub-envs) or truncates the episode
-  (`on_deviation`). Why: the correction term is a linearisation around the plan; far from it the plan says
-  nothing about the agent's state, and a fresh diffusion plan from that state is better than a drifting one.
-- At the end of a plan (its horizon, or after its predicted termination when the agent kept going) the env
-  re-plans from the current state (`on_plan_end="replan"`, the default, so episodes can run to
-  `max_episode_steps` like the real env) or truncates (`on_plan_end="truncate"`, MBPO-style short episodes).
-Re-plans use the policy handle, no filter (one trajectory per state).
+Two modes per sub-env (`info["mode"]`):
+- "plan": the sub-env follows a *plan*, one DyDiff trajectory of the policy handle (states, actions, rewards
+  labelled by the rollout). While the agent's action equals the plan's (max abs difference <=
+  `action_tolerance`), the env serves the plan's transition unchanged, bit for bit: an agent whose actor is
+  the handle sees exactly the DyDiff rollouts the paper trains on.
+- "model": from the first action that leaves the plan (or in an episode that has none) the sub-env is
+  stepped by the single-step ensemble from its actual state and action, batched over all such sub-envs in
+  one call: next = f(s, a) (`model_dynamics`), reward = r(s, a) - `uncertainty_penalty` * disagreement,
+  truncated when the disagreement exceeds `max_disagreement`. This is Markov: the next state depends on
+  (s, a) alone, not on which plan the sub-env was on. A sub-env stays in this mode until its episode ends:
+  its agent does not act as the handle, so a plan of the handle from its state would be left again at once.
 
-Rewards come from the reward model, `terminated` from the task's termination rule on the predicted state,
-`truncated` from `max_episode_steps`, plan ends and deviations as configured. A sub-env whose model output is
-not finite is truncated (the previous observation is repeated, reward 0) and counted in `info["nonfinite"]`,
-so the env never emits NaN or inf. Out-of-bound actions are clipped to the action space and counted in
-`info["clipped_actions"]`; NaN/inf actions or actions of the wrong shape raise `ValueError`.
+Where plans come from. A plan costs a diffusion run, so no sub-env ever waits for one of its own:
+- The pool: episodes start from plans generated in batches from dataset states and filtered by predicted
+  return (`filter`, default hardmax 60 %). The filter chooses among start states, so it applies to pool
+  plans only; a plan that has to start where the agent already is (below) is kept whatever its return.
+- Continuations: an on-plan sub-env's plan-end state is known as soon as its plan is assigned, so its next
+  plan is queued then and generated ahead. The queue is served by one batched rollout when the first queued
+  sub-env reaches the last step of its plan, or together with a pool generation or first plans: an agent
+  that follows its plans waits only for amortised batched calls.
+- `plans="auto"` (the default): without a policy handle no plans are served (the bundle's behaviour policy
+  is stochastic, so no agent could follow its plans). With a handle, episodes start at dataset states
+  without plans until an agent shows that it acts as the handle: at an episode's first step the env compares
+  the agent's action with the handle's. The sub-envs that match get their first plans in one batched call
+  (from their start states) and the pool is switched on for later episodes; after `pool_size` pool-plan
+  episodes in a row whose first action left the plan, it is switched off again. So random, SAC or noisy
+  TD3 agents never wait for a diffusion run, and an agent whose actor is the handle gets DyDiff plans.
+- `plans="always"`: every episode starts from a pool plan (the behaviour policy plans when no handle is
+  set); `plans="never"`: the single-step model only.
+
+Rewards come from the reward model, `terminated` from the task's termination rule on the next state,
+`truncated` from `max_episode_steps`, `max_disagreement` and non-finite model output (such a sub-env repeats
+its previous observation with reward 0 and is flagged in `info["nonfinite"]`, so the env never emits NaN or
+inf). Finite out-of-bound actions are clipped and counted (`info["clipped_actions"]`); NaN/inf actions or
+actions of the wrong shape raise `ValueError`.
+
+`step` and `reset` are atomic: the next state, re-plans included, is built beside the current one and
+replaces it only when the call succeeds; the random generators and counters are restored when anything
+raises (a policy handle failing during a re-plan, say), so the env is exactly as it was before the call.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,24 +63,23 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
 from .bundle import Bundle, BundleError, load_bundle
-from .config import SamplerConfig
+from .config import EnvConfig, FilterConfig
 from .policies import as_policy
-from .rollout import FilterConfig, behaviour_policy, dydiff_rollout
+from .rollout import RolloutResult, behaviour_policy, call_policy, dydiff_rollout, filter_trajectories
 from .tasks import get_task
 
 SHIPPED_BUNDLES = Path(__file__).parent / "assets" / "bundles"
-INFO_KEYS = ("deviation", "disagreement", "plan_return", "replanned", "on_plan", "clipped_actions", "nonfinite")
+# every key a step's info has (with Gymnasium's `_key` masks), and its value where a sub-env does not set it
+INFO_DEFAULTS = {"mode": "", "disagreement": 0.0, "plan_return": 0.0, "replanned": False, "clipped_actions": 0,
+                 "nonfinite": False}
+INFO_KEYS = tuple(INFO_DEFAULTS)
+STAT_KEYS = ("plan_steps", "model_steps", "rollout_calls", "pool_generations", "pool_plans", "first_plans",
+             "replans", "uncertain", "nonfinite", "clipped_actions")
 
 
 def parse_autoreset_mode(mode: AutoresetMode | str) -> AutoresetMode:
     """An `AutoresetMode` from itself, its name ("SAME_STEP") or its value ("SameStep"), as documented."""
-    if isinstance(mode, AutoresetMode):
-        return mode
-    for member in AutoresetMode:
-        if isinstance(mode, str) and mode.lower() in (member.name.lower(), member.value.lower()):
-            return member
-    raise ValueError(f"autoreset_mode must be one of {[m.name for m in AutoresetMode]} (or an AutoresetMode), "
-                     f"got {mode!r}")
+    return AutoresetMode(EnvConfig(autoreset_mode=mode).autoreset_mode)
 
 
 def shipped_bundle_path(task: str) -> Path:
@@ -84,50 +103,94 @@ def resolve_bundle(bundle: str | Path | Bundle | None, task: str, device: str | 
     return load_bundle(bundle, env_id=get_task(task).env_id, device=device, require=("dynamics", "reward"))
 
 
+@dataclass(frozen=True)
+class Plans:
+    """One plan per row: states s_0..s_H, then actions, rewards and ensemble disagreement per transition, the
+    number of valid transitions (up to the predicted termination) and the predicted return."""
+
+    obs: torch.Tensor  # (B, H + 1, obs_dim)
+    actions: torch.Tensor  # (B, H, act_dim)
+    rewards: torch.Tensor  # (B, H)
+    disagreement: torch.Tensor  # (B, H)
+    length: torch.Tensor  # (B,) long
+    returns: torch.Tensor  # (B,)
+
+    @classmethod
+    def empty(cls, count: int, horizon: int, obs_dim: int, act_dim: int, device) -> "Plans":
+        def zeros(*shape):
+            return torch.zeros(*shape, device=device)
+
+        return cls(zeros(count, horizon + 1, obs_dim), zeros(count, horizon, act_dim), zeros(count, horizon),
+                   zeros(count, horizon), torch.zeros(count, dtype=torch.long, device=device), zeros(count))
+
+    @classmethod
+    def from_rollout(cls, result: RolloutResult) -> "Plans":
+        return cls(torch.cat([result.obs[:, :1], result.next_obs], 1), result.actions, result.rewards,
+                   result.disagreement, result.valid.sum(1), result.returns)
+
+    def __len__(self) -> int:
+        return self.obs.shape[0]
+
+    def take(self, index) -> "Plans":
+        return Plans(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    def put(self, rows: torch.Tensor, other: "Plans") -> "Plans":
+        """A copy with `rows` replaced by `other`'s plans (out of place: this object stays as it was)."""
+        return Plans(*(getattr(self, f.name).index_put((rows,), getattr(other, f.name)) for f in fields(self)))
+
+    def cat(self, other: "Plans") -> "Plans":
+        return Plans(*(torch.cat([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)))
+
+
+@dataclass
+class EnvState:
+    """Everything `step` and `reset` change. A call works on a copy (`working_copy`) and the env keeps the copy
+    only when the call succeeds; tensors are only ever replaced, never written in place, so the copy can
+    share them."""
+
+    obs: torch.Tensor  # (n, obs_dim) the current observations
+    plan: Plans  # each sub-env's plan; meaningful where on_plan
+    t: np.ndarray  # (n,) the plan step each sub-env is at
+    on_plan: np.ndarray  # (n,) bool: "plan" mode
+    next_plan: Plans  # continuations generated ahead
+    has_next: np.ndarray  # (n,) bool: next_plan holds this sub-env's continuation
+    wants_next: np.ndarray  # (n,) bool: queued for a continuation
+    probing: np.ndarray  # (n,) bool: a planless auto-mode episode whose first step is still to come
+    pool_start: np.ndarray  # (n,) bool: a pool-plan episode whose first step is still to come
+    elapsed: np.ndarray  # (n,) steps taken in the current episode
+    needs_reset: np.ndarray  # (n,) bool: done, waiting for an autoreset or reset(options={"reset_mask": ...})
+    pool: Plans | None = None  # kept pool plans not yet served, in serving order
+    pool_on: bool = False
+    pool_misses: int = 0  # pool-plan episodes in a row whose first action left the plan
+    served_since_refresh: int = 0
+
+    def working_copy(self) -> "EnvState":
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).copy() for f in fields(self)
+                                            if isinstance(getattr(self, f.name), np.ndarray)})
+
+
 class DydiffEnv(gym.vector.VectorEnv):
-    """`num_envs` sub-environments served from DyDiff rollouts of a learned model bundle (module docstring).
+    """`num_envs` sub-environments of a learned model bundle (see the module docstring).
 
     Args:
         num_envs: number of sub-environments.
         bundle: a bundle directory, a loaded `Bundle`, or None for the bundle shipped for `task`.
-        policy: the policy handle (see `set_policy`); None plans with the bundle's behaviour-cloning policy.
+        policy: the policy handle (see `set_policy`); None: no handle.
+        config: an `EnvConfig`; keyword arguments override its fields (`gymnasium.make` passes them so).
         task: "hopper" (the default), "walker2d", "halfcheetah"; must match the bundle.
-        horizon: transitions per plan (default: three quarters of the diffusion window).
-        num_iterations: DyDiff refinement rounds M (0 = single-step ensemble only).
-        sampler: EDM sampler settings (a `SamplerConfig` or a dict; default: the bundle's).
-        filter / keep_fraction / temperature: the pool filter ("hardmax", "softmax", "none").
-        pool_size: kept plans per pool generation (default max(num_envs, 16): small enough that the first
-            reset of a single env is quick on a CPU; larger pools amortise nothing, the cost is per plan).
-        refresh_every: regenerate the pool after this many served steps (None: when used up or on set_policy).
-        max_episode_steps: truncation limit (the real Hopper-v5 uses 1000).
-        start_states: reset from "episode_starts" of the dataset or from "any" dataset state.
-        deviation_threshold: RMS deviation from the plan (dataset stds) that triggers `on_deviation`.
-        on_deviation / on_plan_end: "replan" or "truncate".
-        action_tolerance: actions within this max-abs distance of the plan's count as on plan.
-        autoreset_mode: `AutoresetMode.NEXT_STEP` (default), `SAME_STEP` or `DISABLED` (or their names).
-        device: torch device of the models.
     """
 
-    def __init__(self, num_envs: int = 1, bundle: str | Path | Bundle | None = None, policy: Any = None, *,
-                 task: str = "hopper", horizon: int | None = None, num_iterations: int = 2,
-                 sampler: SamplerConfig | dict | None = None, filter: str = "hardmax", keep_fraction: float = 0.6,
-                 temperature: float = 0.05, pool_size: int | None = None, refresh_every: int | None = None,
-                 max_episode_steps: int | None = 1000, start_states: str = "episode_starts",
-                 deviation_threshold: float = 1.0, on_deviation: str = "replan", on_plan_end: str = "replan",
-                 action_tolerance: float = 1e-5, autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
-                 device: str = "cpu", dynamics_mode: str = "elite_mean", render_mode: str | None = None):
+    def __init__(self, num_envs: int = 1, bundle: str | Path | Bundle | None = None, policy: Any = None,
+                 config: EnvConfig | None = None, *, task: str = "hopper", render_mode: str | None = None,
+                 **overrides):
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
-        for name, value in (("on_deviation", on_deviation), ("on_plan_end", on_plan_end)):
-            if value not in ("replan", "truncate"):
-                raise ValueError(f"{name} must be 'replan' or 'truncate', got '{value}'")
-        if start_states not in ("episode_starts", "any"):
-            raise ValueError(f"start_states must be 'episode_starts' or 'any', got '{start_states}'")
         if render_mode is not None:
             raise ValueError("DydiffEnv does not render (the learned state has no x position); use render_mode=None")
-        self.bundle = resolve_bundle(bundle, task, device)
+        self.config = cfg = EnvConfig.from_kwargs(config, **overrides)
+        self.bundle = resolve_bundle(bundle, task, cfg.device)
         self.task = self.bundle.task
-        if num_iterations > 0:
+        if cfg.plans != "never" and cfg.num_iterations > 0:
             self.bundle.require("diffusion")
         self.num_envs = int(num_envs)
         real = gym.make(self.task.env_id)
@@ -136,159 +199,194 @@ class DydiffEnv(gym.vector.VectorEnv):
         real.close()
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
-        self.autoreset_mode = parse_autoreset_mode(autoreset_mode)
+        self.autoreset_mode = AutoresetMode(cfg.autoreset_mode)
         self.metadata = {"autoreset_mode": self.autoreset_mode, "render_modes": []}
         self.render_mode = None
 
         window = self.bundle.diffusion.horizon if self.bundle.diffusion is not None else None
-        self.horizon = horizon or (max(1, 3 * window // 4) if window else 32)
-        self.num_iterations = num_iterations
-        self.sampler = SamplerConfig(**sampler) if isinstance(sampler, dict) else (sampler or self.bundle.config.sampler)
-        self.filter = FilterConfig(filter, keep_fraction, temperature)
-        self.pool_size = pool_size or max(self.num_envs, 16)
-        self.refresh_every = refresh_every
-        self.max_episode_steps = max_episode_steps
-        self.start_states = start_states
-        self.deviation_threshold = deviation_threshold
-        self.on_deviation, self.on_plan_end = on_deviation, on_plan_end
-        self.action_tolerance = action_tolerance
-        self.dynamics_mode = dynamics_mode
-        self.obs_std = torch.as_tensor(self.bundle.normalizer("obs").std, device=self.bundle.device)
+        self.horizon = cfg.horizon or (max(1, 3 * window // 4) if window else 32)
+        if cfg.plans != "never" and cfg.num_iterations > 0 and self.horizon > window - 1:
+            raise ValueError(f"horizon must be at most {window - 1} for this bundle's diffusion window of {window}")
+        self.sampler = cfg.sampler or self.bundle.config.sampler
+        self.pool_size = cfg.pool_size or max(self.num_envs, 16)
+        self.max_episode_steps = cfg.max_episode_steps
         self._obs_dtype = self.single_observation_space.dtype
-        self._low = torch.as_tensor(self.single_action_space.low, dtype=torch.float32)
-        self._high = torch.as_tensor(self.single_action_space.high, dtype=torch.float32)
-
-        self._policy = None
-        self._policy_source = None
-        self.set_policy(policy)
+        self._low = self.single_action_space.low.astype(np.float64)
+        self._high = self.single_action_space.high.astype(np.float64)
         self._generator = torch.Generator()
-        self._pool = None  # (RolloutResult of kept plans, next index)
-        self._served_since_refresh = 0
-        n, h, d, a = self.num_envs, self.horizon, self.bundle.obs_dim, self.bundle.act_dim
-        dev = self.bundle.device
-        self._plan_obs = torch.zeros(n, h + 1, d, device=dev)  # s_0 .. s_H
-        self._plan_actions = torch.zeros(n, h, a, device=dev)
-        self._plan_rewards = torch.zeros(n, h, device=dev)
-        self._plan_len = torch.zeros(n, dtype=torch.long)  # valid transitions in each plan
-        self._plan_return = torch.zeros(n, device=dev)
-        self._plan_disagreement = torch.zeros(n, h, device=dev)
-        self._t = torch.zeros(n, dtype=torch.long)
-        self._x = torch.zeros(n, d, device=dev)  # current observation (float32)
-        self._on_plan = torch.ones(n, dtype=torch.bool)
-        self._elapsed = np.zeros(n, dtype=np.int64)
-        self._needs_reset = np.zeros(n, dtype=bool)
+        self.stats = dict.fromkeys(STAT_KEYS, 0)
+        self._state = self._initial_state()
         self._started = False
-        self.stats = {"replans": 0, "pool_generations": 0, "nonfinite": 0, "clipped_actions": 0}
+        self.set_policy(policy)
 
     # ------------------------------------------------------------------------------------------ policy handle
 
     def set_policy(self, policy: Any = None, input: str = "auto") -> None:
-        """Set the policy whose DyDiff rollouts fill the pool (callable on numpy batches, torch module, SB3 or
-        Tianshou policy, or an agent with `actor_fn()`); None means the bundle's behaviour-cloning policy.
-        The pool is regenerated with it at the next reset."""
+        """Set the policy whose DyDiff plans the env serves: a callable on numpy batches, a torch module, an
+        SB3 or Tianshou policy, or an agent with `actor_fn()`. None: no handle (`plans="always"` then plans
+        with the bundle's behaviour-cloning policy). The pool is regenerated with the new handle."""
+        self._policy = None if policy is None else as_policy(policy, input=input)
         self._policy_source = policy
-        if policy is None:
+        if policy is None and self.config.plans == "always":
             self.bundle.require("bc")
-            self._policy = None  # built from the env's generator at use, so seeding covers it
-        else:
-            self._policy = as_policy(policy, input=input)
-        self._pool = None
+        self._state = dataclasses.replace(self._state, pool=None, pool_on=self.config.plans == "always",
+                                          pool_misses=0)
+
+    @property
+    def started(self) -> bool:
+        """Whether `reset` was called."""
+        return self._started
 
     def _planning_policy(self):
         return self._policy if self._policy is not None else behaviour_policy(self.bundle, self._generator)
 
-    # --------------------------------------------------------------------------------------------------- plans
+    def _probes(self) -> bool:
+        """Whether planless episodes check if their agent acts as the handle (auto mode with a handle)."""
+        return self.config.plans == "auto" and self._policy is not None
 
-    def _rollout(self, start_obs: torch.Tensor, filter: FilterConfig):
-        return dydiff_rollout(self.bundle, start_obs, self._planning_policy(), horizon=self.horizon,
-                              num_iterations=self.num_iterations, sampler=self.sampler, filter=filter,
-                              generator=self._generator, dynamics_mode=self.dynamics_mode)
-
-    def sample_start_obs(self, count: int, rng: np.random.Generator | None = None, start_states: str | None = None) -> torch.Tensor:
-        """`count` dataset observations to start plans from ("episode_starts" or "any", default: the env's)."""
-        starts = self.bundle.start_states
-        if not starts:
-            raise BundleError(f"bundle {self.bundle.path} stores no start states; re-train or re-export it")
-        mode = start_states or self.start_states
-        rows = np.flatnonzero(starts["is_episode_start"]) if mode == "episode_starts" else None
-        if rows is None or len(rows) == 0:
-            rows = np.arange(len(starts["observations"]))
-        pick = rows[(rng or self.np_random).integers(0, len(rows), size=count)]
-        return torch.as_tensor(starts["observations"][pick], device=self.bundle.device)
+    # ---------------------------------------------------------------------------------------------- rollouts
 
     def rollout(self, num_starts: int, policy: Any = None, start_obs: torch.Tensor | np.ndarray | None = None,
-                rng: np.random.Generator | None = None, start_states: str = "any"):
+                rng: np.random.Generator | None = None, start_states: str = "any") -> RolloutResult:
         """One batched DyDiff rollout with this env's settings (horizon, iterations, sampler, filter), from
-        `start_obs` or `num_starts` dataset states. For agents that fill a model replay buffer directly
-        (`result.transitions()`), as the reference does every K gradient steps. `policy` defaults to the
-        env's policy handle."""
+        `start_obs` or `num_starts` dataset states ("any" or "episode_starts"). For agents that fill a model
+        replay buffer directly (`result.transitions()`), as the reference does every K gradient steps.
+        `policy` defaults to the env's policy handle (the behaviour policy without one)."""
         if rng is not None:
             self._generator.manual_seed(int(rng.integers(0, 2**63 - 1)))
         if start_obs is None:
-            start_obs = self.sample_start_obs(num_starts, rng, start_states)
+            start_obs = self.bundle.sample_start_obs(num_starts, rng or self.np_random, start_states == "episode_starts")
         plan_policy = as_policy(policy) if policy is not None else self._planning_policy()
         return dydiff_rollout(self.bundle, start_obs, plan_policy, horizon=self.horizon,
-                              num_iterations=self.num_iterations, sampler=self.sampler, filter=self.filter,
-                              generator=self._generator, dynamics_mode=self.dynamics_mode)
+                              num_iterations=self.config.num_iterations, sampler=self.sampler,
+                              filter=self.config.filter, generator=self._generator,
+                              dynamics_mode=self.config.rollout_dynamics)
 
-    def _generate_pool(self) -> None:
-        count = int(np.ceil(self.pool_size / self.filter.keep_fraction)) if self.filter.mode != "none" else self.pool_size
-        result = self._rollout(self.sample_start_obs(count), self.filter)
-        kept = torch.nonzero(result.kept).flatten().cpu().numpy()
-        self.np_random.shuffle(kept)
-        self._pool = (result.select(torch.as_tensor(kept)), 0)
-        self._served_since_refresh = 0
-        self.stats["pool_generations"] += 1
+    def _generate(self, s: EnvState, first_ids: np.ndarray = np.zeros(0, np.int64), pool_count: int = 0) -> None:
+        """One batched DyDiff rollout for everything pending in `s`: first plans for the sub-envs `first_ids`
+        (from where they are), the continuations of every queued sub-env, and, when `pool_count` > 0, pool
+        candidates from dataset states of which the filter keeps at least `pool_count` (added to the pool)."""
+        queued = np.flatnonzero(self._due_continuations(s))
+        q = torch.as_tensor(queued)
+        plan_ends = s.plan.obs[q, s.plan.length[q]]
+        fixed = torch.cat([s.obs[torch.as_tensor(first_ids, dtype=torch.long)], plan_ends])
+        keep = self.config.filter.keep_fraction if self.config.filter.mode != "none" else 1.0
+        candidates = math.ceil(pool_count / keep - 1e-9) if pool_count else 0
+        if len(fixed) + candidates == 0:
+            return
+        starts = fixed
+        if candidates:
+            drawn = self.bundle.sample_start_obs(candidates, self.np_random, self.config.start_states == "episode_starts")
+            starts = torch.cat([fixed, drawn])
+        result = dydiff_rollout(self.bundle, starts, self._planning_policy(), horizon=self.horizon,
+                                num_iterations=self.config.num_iterations, sampler=self.sampler,
+                                filter=FilterConfig("none"), generator=self._generator,
+                                dynamics_mode=self.config.rollout_dynamics)
+        plans = Plans.from_rollout(result)
+        first = len(first_ids)
+        if first:
+            self._assign(s, first_ids, plans.take(slice(0, first)))
+        if len(queued):
+            s.next_plan = s.next_plan.put(q, plans.take(slice(first, len(fixed))))
+            s.has_next[queued], s.wants_next[queued] = True, False
+        if candidates:
+            rest = result.select(slice(len(fixed), None))
+            kept = torch.nonzero(filter_trajectories(rest.returns, self.config.filter, self._generator)).flatten()
+            order = kept.cpu().numpy()
+            self.np_random.shuffle(order)
+            fresh = Plans.from_rollout(rest.select(torch.as_tensor(order)))
+            s.pool = fresh if s.pool is None else s.pool.cat(fresh)
+            s.served_since_refresh = 0
+            self.stats["pool_generations"] += 1
+            self.stats["pool_plans"] += len(fresh)
+        self.stats["rollout_calls"] += 1
+        self.stats["first_plans"] += first
+        self.stats["replans"] += len(queued)
 
-    def _assign(self, env_ids: np.ndarray, plans, first: int = 0) -> None:
-        """Give sub-envs `env_ids` the plans `plans[first : first + len(env_ids)]`, starting at their s_0."""
-        idx = torch.arange(first, first + len(env_ids))
+    def _due_continuations(self, s: EnvState) -> np.ndarray:
+        """Mask of the sub-envs whose queued continuation is still needed: on plan, and alive after the plan's end
+        (not done, and not truncated by max_episode_steps at that end)."""
+        due = s.wants_next & s.on_plan & ~s.has_next & ~s.needs_reset
+        if self.max_episode_steps is not None:
+            due &= s.elapsed + (s.plan.length.cpu().numpy() - s.t) < self.max_episode_steps
+        return due
+
+    def _assign(self, s: EnvState, env_ids: np.ndarray, plans: Plans) -> None:
+        """Put sub-envs `env_ids` at the start of `plans` (one each) and queue the continuations they need: a
+        plan that reaches its horizon alive goes on; one that ends in a predicted termination ends the episode."""
         ids = torch.as_tensor(env_ids)
-        obs, next_obs = plans.obs[idx], plans.next_obs[idx]
-        self._plan_obs[ids] = torch.cat([obs[:, :1], next_obs], 1)
-        self._plan_actions[ids] = plans.actions[idx]
-        self._plan_rewards[ids] = plans.rewards[idx]
-        # a plan ends after its last valid transition (its predicted termination or the horizon)
-        self._plan_len[ids] = plans.valid[idx].sum(1).cpu()
-        self._plan_return[ids] = plans.returns[idx]
-        self._plan_disagreement[ids] = plans.disagreement[idx]
-        self._t[ids] = 0
-        self._x[ids] = obs[:, 0]
-        self._on_plan[ids] = True
+        s.plan = s.plan.put(ids, plans)
+        s.obs = s.obs.index_put((ids,), plans.obs[:, 0])
+        last = plans.obs[torch.arange(len(plans)), plans.length]
+        alive_at_end = (plans.length == self.horizon) & ~torch.as_tensor(self.task.terminated(last))
+        s.t[env_ids], s.on_plan[env_ids], s.has_next[env_ids] = 0, True, False
+        s.wants_next[env_ids] = alive_at_end.cpu().numpy()
 
-    def _start_episodes(self, env_ids: np.ndarray) -> None:
+    # ---------------------------------------------------------------------------------------------- episodes
+
+    def _initial_state(self) -> EnvState:
+        n, h, d, a, dev = self.num_envs, self.horizon, self.bundle.obs_dim, self.bundle.act_dim, self.bundle.device
+        flags = np.zeros(n, dtype=bool)
+        return EnvState(torch.zeros(n, d, device=dev), Plans.empty(n, h, d, a, dev), np.zeros(n, np.int64),
+                        flags.copy(), Plans.empty(n, h, d, a, dev), flags.copy(), flags.copy(), flags.copy(),
+                        flags.copy(), np.zeros(n, np.int64), flags.copy(), pool_on=self.config.plans == "always")
+
+    def _start_episodes(self, s: EnvState, env_ids: np.ndarray) -> None:
+        """New episodes for `env_ids`: pool plans while the pool is on, else dataset states without plans."""
         if len(env_ids) == 0:
             return
-        if self._pool is None or (self.refresh_every is not None and self._served_since_refresh >= self.refresh_every):
-            self._generate_pool()
-        plans, nxt = self._pool
-        if nxt + len(env_ids) > len(plans):
-            self._generate_pool()
-            plans, nxt = self._pool
-            while len(plans) < len(env_ids):  # a pool smaller than the request: keep generating
-                self._generate_pool()
-                more, _ = self._pool
-                plans = type(plans)(*(torch.cat([getattr(plans, f), getattr(more, f)]) for f in plans.__dataclass_fields__))
-                self._pool = (plans, 0)
-        self._assign(env_ids, plans, nxt)
-        self._pool = (plans, nxt + len(env_ids))
-        self._elapsed[env_ids] = 0
-        self._needs_reset[env_ids] = False
+        s.on_plan[env_ids] = s.has_next[env_ids] = s.wants_next[env_ids] = False  # the old plans are over
+        refresh = self.config.refresh_every
+        if s.pool is not None and refresh is not None and s.served_since_refresh >= refresh:
+            s.pool = None
+        if s.pool_on:
+            missing = len(env_ids) - (len(s.pool) if s.pool is not None else 0)
+            if missing > 0:
+                self._generate(s, pool_count=max(missing, self.pool_size))
+            self._assign(s, env_ids, s.pool.take(slice(0, len(env_ids))))
+            s.pool = s.pool.take(slice(len(env_ids), None))
+            s.pool_start[env_ids], s.probing[env_ids] = True, False
+        else:
+            starts = self.bundle.sample_start_obs(len(env_ids), self.np_random,
+                                                  self.config.start_states == "episode_starts")
+            self._begin_planless(s, env_ids, starts)
+        s.elapsed[env_ids] = 0
+        s.needs_reset[env_ids] = False
 
-    def _replan(self, env_ids: np.ndarray, from_obs: torch.Tensor) -> None:
-        plans = self._rollout(from_obs, FilterConfig("none"))
-        self._assign(env_ids, plans)
-        self.stats["replans"] += len(env_ids)
+    def _begin_planless(self, s: EnvState, env_ids: np.ndarray, starts: torch.Tensor) -> None:
+        s.obs = s.obs.index_put((torch.as_tensor(env_ids),), starts)
+        s.on_plan[env_ids] = s.has_next[env_ids] = s.wants_next[env_ids] = s.pool_start[env_ids] = False
+        s.probing[env_ids] = self._probes()
+
+    def _transaction(self, body, seed: int | None = None):
+        """Run `body(working copy of the state)` (after re-seeding and starting from a fresh state when `seed` is
+        given); keep its state only if it returns, else restore the RNGs and counters, so the env is exactly as
+        before the call."""
+        rng = self.np_random
+        saved = (rng, self._np_random_seed, copy.deepcopy(rng.bit_generator.state), self._generator.get_state(),
+                 dict(self.stats))
+        s = self._state.working_copy()
+        try:
+            if seed is not None:
+                self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
+                # same seed, same observations: a fresh state (the pool is regenerated from the new seed)
+                s = dataclasses.replace(self._initial_state(), obs=s.obs, pool_on=s.pool_on and self.config.plans == "always")
+            self._generator.manual_seed(int(self.np_random.integers(0, 2**63 - 1)))
+            result = body(s)
+        except BaseException:
+            self._np_random, self._np_random_seed = saved[0], saved[1]
+            saved[0].bit_generator.state = saved[2]
+            self._generator.set_state(saved[3])
+            self.stats = saved[4]
+            raise
+        self._state = s
+        return result
 
     # ------------------------------------------------------------------------------------------- gym interface
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
-        if seed is not None:
-            if isinstance(seed, (list, tuple)):
-                seed = int(np.random.SeedSequence([int(s) for s in seed if s is not None]).generate_state(1)[0])
-            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
-            self._pool = None  # same seed, same observations: the pool is regenerated from the new seed
-        self._generator.manual_seed(int(self.np_random.integers(0, 2**63 - 1)))
+        if isinstance(seed, (list, tuple)):
+            seed = int(np.random.SeedSequence([int(x) for x in seed if x is not None]).generate_state(1)[0])
         mask = None if options is None else options.get("reset_mask")
         if mask is None:
             env_ids = np.arange(self.num_envs)
@@ -300,40 +398,65 @@ class DydiffEnv(gym.vector.VectorEnv):
             if not self._started and not mask.all():
                 raise ValueError("the first reset must reset every sub-env (omit reset_mask)")
             env_ids = np.flatnonzero(mask)
-        self._start_episodes(env_ids)
+
+        def body(s: EnvState):
+            self._start_episodes(s, env_ids)
+            return self._observations(s), self._reset_infos(s, env_ids)
+
+        out = self._transaction(body, seed)
         self._started = True
-        infos: dict[str, Any] = {}
-        if len(env_ids):
-            infos["plan_return"] = np.zeros(self.num_envs, dtype=np.float64)
-            infos["plan_return"][env_ids] = self._plan_return[torch.as_tensor(env_ids)].cpu().numpy()
-            infos["_plan_return"] = np.zeros(self.num_envs, dtype=bool)
-            infos["_plan_return"][env_ids] = True
-        return self._observations(), infos
+        return out
 
     def reset_to(self, start_obs: torch.Tensor | np.ndarray, *, seed: int | None = None):
-        """Start every sub-env at the given observations (num_envs, obs_dim) instead of dataset states, each
-        with a fresh plan from its start (the policy handle, no filter). Returns (obs, infos) like `reset`.
-        For evaluations that compare the env with the real simulator from the same states."""
+        """Start every sub-env at the given observations (num_envs, obs_dim) instead of dataset states (with
+        plans from there in `plans="always"` mode, else planless as after any reset). Returns (obs, infos) like
+        `reset`. For evaluations that compare the env with the real simulator from the same states."""
         start = torch.as_tensor(np.asarray(start_obs) if not isinstance(start_obs, torch.Tensor) else start_obs,
                                 dtype=torch.float32).to(self.bundle.device)
         if start.shape != (self.num_envs, self.bundle.obs_dim):
             raise ValueError(f"start_obs must have shape ({self.num_envs}, {self.bundle.obs_dim}), got {tuple(start.shape)}")
         if not torch.isfinite(start).all():
             raise ValueError("start_obs contains NaN or inf")
-        if seed is not None:
-            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
-        self._generator.manual_seed(int(self.np_random.integers(0, 2**63 - 1)))
         env_ids = np.arange(self.num_envs)
-        self._assign(env_ids, self._rollout(start, FilterConfig("none")))
-        self._elapsed[env_ids] = 0
-        self._needs_reset[env_ids] = False
-        self._started = True
-        infos = {"plan_return": self._plan_return.cpu().numpy().astype(np.float64),
-                 "_plan_return": np.ones(self.num_envs, dtype=bool)}
-        return self._observations(), infos
 
-    def _observations(self) -> np.ndarray:
-        return self._x.cpu().numpy().astype(self._obs_dtype, copy=True)
+        def body(s: EnvState):
+            self._begin_planless(s, env_ids, start)
+            if self.config.plans == "always":
+                s.probing[:] = False
+                self._generate(s, first_ids=env_ids)
+            s.elapsed[:], s.needs_reset[:] = 0, False
+            return self._observations(s), self._reset_infos(s, env_ids)
+
+        out = self._transaction(body, seed)
+        self._started = True
+        return out
+
+    def planned_actions(self) -> np.ndarray:
+        """Each sub-env's plan action at its current step (num_envs, act_dim); zeros where a sub-env is in model
+        mode. Acting with these keeps every on-plan sub-env on its plan."""
+        s = self._state
+        t = torch.as_tensor(np.minimum(s.t, self.horizon - 1))
+        actions = s.plan.actions[torch.arange(self.num_envs), t].cpu().numpy().astype(np.float32)
+        actions[~s.on_plan] = 0.0
+        return actions
+
+    def _observations(self, s: EnvState) -> np.ndarray:
+        return s.obs.cpu().numpy().astype(self._obs_dtype, copy=True)
+
+    def _reset_infos(self, s: EnvState, env_ids: np.ndarray) -> dict:
+        infos: dict[str, Any] = {}
+        if len(env_ids):
+            self._put_plan_return(infos, s, env_ids)
+        return infos
+
+    def _put_plan_return(self, infos: dict, s: EnvState, env_ids: np.ndarray) -> None:
+        """info["plan_return"]: the predicted return of the plan the sub-env is on (masked where it has none)."""
+        if "plan_return" not in infos:
+            infos["plan_return"] = np.zeros(self.num_envs, dtype=np.float64)
+            infos["_plan_return"] = np.zeros(self.num_envs, dtype=bool)
+        with_plan = env_ids[s.on_plan[env_ids]]
+        infos["plan_return"][with_plan] = s.plan.returns[torch.as_tensor(with_plan)].cpu().numpy()
+        infos["_plan_return"][env_ids] = s.on_plan[env_ids]
 
     def _check_actions(self, actions) -> tuple[torch.Tensor, np.ndarray]:
         arr = actions.detach().cpu().numpy() if isinstance(actions, torch.Tensor) else np.asarray(actions)
@@ -341,50 +464,46 @@ class DydiffEnv(gym.vector.VectorEnv):
         if arr.shape != expected:
             hint = " (a single env's action? wrap it as a batch: actions[None])" if arr.shape == expected[1:] else ""
             raise ValueError(f"actions must have shape {expected}, got {arr.shape}{hint}")
-        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
             raise ValueError(f"actions must be real numbers, got dtype {arr.dtype}")
-        arr = arr.astype(np.float32)
+        arr = arr.astype(np.float64)  # clip before casting: a finite float64 beyond float32's range is clipped
         if not np.isfinite(arr).all():
             bad = np.flatnonzero(~np.isfinite(arr).all(1))
             raise ValueError(f"actions of sub-envs {bad.tolist()} contain NaN or inf; check the agent's outputs")
-        act = torch.as_tensor(arr)
-        clipped = torch.maximum(torch.minimum(act, self._high), self._low)
-        clip_count = (clipped != act).sum(1).numpy()
-        return clipped.to(self.bundle.device), clip_count
+        clipped = np.clip(arr, self._low, self._high)
+        clip_count = (clipped != arr).sum(1)
+        return torch.as_tensor(clipped, dtype=torch.float32, device=self.bundle.device), clip_count
 
     def step(self, actions):
         if not self._started:
             raise RuntimeError("call reset() before step()")
         act, clip_count = self._check_actions(actions)
+        return self._transaction(lambda s: self._step(s, act, clip_count))
+
+    def _step(self, s: EnvState, act: torch.Tensor, clip_count: np.ndarray):
         n = self.num_envs
-        rewards = np.zeros(n, dtype=np.float64)
-        terminated = np.zeros(n, dtype=bool)
-        truncated = np.zeros(n, dtype=bool)
-        info_values = {k: np.zeros(n, dtype=np.float64 if k in ("deviation", "disagreement", "plan_return") else
-                                   (np.int64 if k == "clipped_actions" else bool)) for k in INFO_KEYS}
         reset_now = np.zeros(n, dtype=bool)
-
-        if self.autoreset_mode == AutoresetMode.NEXT_STEP and self._needs_reset.any():
-            reset_now = self._needs_reset.copy()
-            self._start_episodes(np.flatnonzero(reset_now))
-        elif self.autoreset_mode == AutoresetMode.DISABLED and self._needs_reset.any():
-            raise RuntimeError(f"sub-envs {np.flatnonzero(self._needs_reset).tolist()} are done; reset them with "
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP and s.needs_reset.any():
+            reset_now = s.needs_reset.copy()
+            self._start_episodes(s, np.flatnonzero(reset_now))
+        elif self.autoreset_mode == AutoresetMode.DISABLED and s.needs_reset.any():
+            raise RuntimeError(f"sub-envs {np.flatnonzero(s.needs_reset).tolist()} are done; reset them with "
                                "reset(options={'reset_mask': mask}) before stepping (autoreset_mode=DISABLED)")
-        elif self.autoreset_mode == AutoresetMode.SAME_STEP and self._needs_reset.any():
-            raise RuntimeError("internal error: SAME_STEP sub-envs left done")  # they are reset inside step
-        active = np.flatnonzero(~reset_now)
-        if len(active):
-            self._advance(active, act, rewards, terminated, truncated, info_values)
-            info_values["clipped_actions"][active] = clip_count[active]
-            self.stats["clipped_actions"] += int(clip_count[active].sum())
-            self._served_since_refresh += len(active)
-
-        obs = self._observations()
-        done = terminated | truncated
-        infos: dict[str, Any] = {}
-        for key in INFO_KEYS:
-            infos[key] = info_values[key]
+        ids = np.flatnonzero(~reset_now)
+        infos = {key: np.zeros(n, dtype=dtype) for key, dtype in
+                 (("mode", "<U5"), ("disagreement", np.float64), ("replanned", bool), ("clipped_actions", np.int64),
+                  ("nonfinite", bool))}
+        rewards, terminated, truncated = np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        if len(ids):
+            self._advance(s, ids, act, infos, rewards, terminated, truncated)
+            infos["clipped_actions"][ids] = clip_count[ids]
+            self.stats["clipped_actions"] += int(clip_count[ids].sum())
+            s.served_since_refresh += len(ids)
+        for key in list(infos):
             infos[f"_{key}"] = ~reset_now
+        self._put_plan_return(infos, s, ids)
+        obs = self._observations(s)
+        done = terminated | truncated
         if self.autoreset_mode == AutoresetMode.SAME_STEP and done.any():
             # as Gymnasium's SyncVectorEnv: the step's info goes to final_info, the reset's info takes its place
             done_ids = np.flatnonzero(done)
@@ -392,82 +511,112 @@ class DydiffEnv(gym.vector.VectorEnv):
             for i in done_ids:
                 final_obs[i] = obs[i].copy()
             final_info = {k: v.copy() for k, v in infos.items()}
-            for key in INFO_KEYS:
-                final_info[f"_{key}"] &= done
-                infos[f"_{key}"] &= ~done
-            self._start_episodes(done_ids)
-            obs = self._observations()
-            self._add_reset_info(infos, done_ids)
+            for key in [k for k in infos if k.startswith("_")]:
+                final_info[key] &= done
+                infos[key] &= ~done
+            self._start_episodes(s, done_ids)
+            obs = self._observations(s)
+            self._put_plan_return(infos, s, done_ids)
             infos["final_obs"], infos["_final_obs"] = final_obs, done.copy()
             infos["final_info"], infos["_final_info"] = final_info, done.copy()
         else:
-            self._needs_reset |= done
+            s.needs_reset |= done
         if reset_now.any():  # NEXT_STEP: the reset sub-envs report their reset info
-            self._add_reset_info(infos, np.flatnonzero(reset_now))
+            self._put_plan_return(infos, s, np.flatnonzero(reset_now))
         return obs, rewards, terminated, truncated, infos
 
-    def _add_reset_info(self, infos: dict, env_ids: np.ndarray) -> None:
-        infos["plan_return"][env_ids] = self._plan_return[torch.as_tensor(env_ids)].cpu().numpy()
-        infos["_plan_return"][env_ids] = True
-
     @torch.no_grad()
-    def _advance(self, ids: np.ndarray, act: torch.Tensor, rewards, terminated, truncated, info_values) -> None:
-        """One transition for the sub-envs `ids` (see the module docstring for the rule)."""
+    def _advance(self, s: EnvState, ids: np.ndarray, act: torch.Tensor, infos: dict, rewards: np.ndarray,
+                 terminated: np.ndarray, truncated: np.ndarray) -> None:
+        """One transition for the sub-envs `ids` (module docstring): plan or model, then plan ends."""
+        cfg, tol = self.config, self.config.action_tolerance
         tid = torch.as_tensor(ids)
-        t = self._t[tid]
-        x, a = self._x[tid], act[tid]
-        plan_s, plan_a = self._plan_obs[tid, t], self._plan_actions[tid, t]
-        plan_next = self._plan_obs[tid, t + 1]
-        exact = self._on_plan[tid] & ((a - plan_a).abs().amax(1) <= self.action_tolerance).cpu()
-        next_obs = plan_next.clone()
-        reward = self._plan_rewards[tid, t].clone()
-        disagreement = self._plan_disagreement[tid, t].clone()  # on plan: the rollout's own figure
-        off = torch.nonzero(~exact).flatten()
-        if len(off):
-            both_s = torch.cat([x[off], plan_s[off]])
-            both_a = torch.cat([a[off], plan_a[off]])
-            pred, spread = self.bundle.dynamics.predict(both_s, both_a, mode="mean")
-            response = pred[: len(off)] - pred[len(off):]
-            next_obs[off] = plan_next[off] + response
-            reward[off] = self.bundle.reward(x[off], a[off])
-            disagreement[off] = spread[: len(off)]
-        deviation = ((next_obs - plan_next) / self.obs_std).pow(2).mean(1).sqrt()
-        finite = torch.isfinite(next_obs).all(1) & torch.isfinite(reward)
+        a = act[tid]
+        # the first step of a planless episode: does the agent act as the handle? Those that do get plans
+        probe = s.probing[ids]
+        if probe.any():
+            handle = call_policy(self._planning_policy(), s.obs[tid[probe]], self.bundle.act_dim)
+            acts_as_handle = ((a[probe] - handle).abs().amax(1) <= tol).cpu().numpy()
+            s.probing[ids] = False
+            if acts_as_handle.any():
+                self._generate(s, first_ids=ids[probe][acts_as_handle])
+                s.pool_on = True
+        t = s.t[ids]
+        plan_a = s.plan.actions[tid, torch.as_tensor(np.minimum(t, self.horizon - 1))]
+        in_plan = s.on_plan[ids] & (t < s.plan.length[tid].cpu().numpy())
+        follows = in_plan & ((a - plan_a).abs().amax(1) <= tol).cpu().numpy()
+        self._count_pool_starts(s, ids, follows)
+        # a follower about to use the last step of its plan needs its continuation now: serve the whole queue
+        at_end = follows & (t + 1 >= s.plan.length[tid].cpu().numpy())
+        if (at_end & self._due_continuations(s)[ids]).any():
+            self._generate(s)
+
+        on, off = torch.as_tensor(follows), torch.as_tensor(~follows)
+        next_obs = torch.empty_like(s.obs[tid])
+        reward = torch.empty(len(ids), device=next_obs.device)
+        disagreement = torch.empty_like(reward)
+        if follows.any():
+            rows, steps = tid[on], torch.as_tensor(t[follows])
+            next_obs[on] = s.plan.obs[rows, steps + 1]
+            reward[on] = s.plan.rewards[rows, steps]
+            disagreement[on] = s.plan.disagreement[rows, steps]
+        if (~follows).any():
+            x, u = s.obs[tid[off]], a[off]
+            next_obs[off], disagreement[off] = self.bundle.dynamics.predict(x, u, mode=cfg.model_dynamics,
+                                                                            generator=self._generator)
+            reward[off] = self.bundle.reward(x, u) - cfg.uncertainty_penalty * disagreement[off]
+        finite = torch.isfinite(next_obs).all(1) & torch.isfinite(reward) & torch.isfinite(disagreement)
         term = torch.as_tensor(self.task.terminated(next_obs)) & finite
         # a non-finite model output ends the episode; the agent sees its last observation again
-        next_obs = torch.where(finite[:, None], next_obs, x)
+        next_obs = torch.where(finite[:, None], next_obs, s.obs[tid])
         reward = torch.where(finite, reward, torch.zeros_like(reward))
-        self._x[tid] = next_obs
-        self._on_plan[tid] = exact.to(self._on_plan.device)
-        self._t[tid] = t + 1
-        self._elapsed[ids] += 1
+        disagreement = torch.where(finite, disagreement, torch.zeros_like(disagreement))
 
-        term_np, finite_np = term.cpu().numpy(), finite.cpu().numpy()
-        trunc_np = ~finite_np
+        s.obs = s.obs.index_put((tid,), next_obs)
+        s.on_plan[ids] = follows
+        s.t[ids] = np.where(follows, t + 1, t)
+        s.has_next[ids] &= follows  # a sub-env that left its plan drops its continuation
+        s.wants_next[ids] &= follows
+        s.elapsed[ids] += 1
+        finite_np, term_np, dis_np = finite.cpu().numpy(), term.cpu().numpy(), disagreement.cpu().numpy()
+        uncertain = np.zeros(len(ids), dtype=bool)
+        if cfg.max_disagreement is not None:
+            uncertain = ~follows & (dis_np > cfg.max_disagreement)
+        trunc_np = ~finite_np | uncertain
         if self.max_episode_steps is not None:
-            trunc_np |= self._elapsed[ids] >= self.max_episode_steps
-        alive = ~term_np & ~trunc_np
-        plan_over = (self._t[tid] >= self._plan_len[tid]).numpy()
-        drifted = (deviation > self.deviation_threshold).cpu().numpy()
-        need_plan = alive & ((plan_over & (self.on_plan_end == "replan")) | (drifted & (self.on_deviation == "replan")))
-        trunc_np |= alive & ((plan_over & (self.on_plan_end == "truncate")) | (drifted & (self.on_deviation == "truncate")))
-        replan_ids = ids[need_plan & ~trunc_np]
-        if len(replan_ids):
-            self._replan(replan_ids, self._x[torch.as_tensor(replan_ids)])
+            trunc_np |= s.elapsed[ids] >= self.max_episode_steps
+        s.wants_next[ids] &= ~(term_np | trunc_np)
+        # plan ends: an alive follower goes on with its continuation (or in model mode if it has none)
+        ended = ids[follows & (s.t[ids] >= s.plan.length[tid].cpu().numpy()) & ~term_np & ~trunc_np]
+        go_on, stop = ended[s.has_next[ended]], ended[~s.has_next[ended]]
+        s.on_plan[stop] = False
+        if len(go_on):
+            self._assign(s, go_on, s.next_plan.take(torch.as_tensor(go_on)))
 
         rewards[ids] = reward.cpu().numpy().astype(np.float64)
         terminated[ids] = term_np
         truncated[ids] = trunc_np
-        info_values["deviation"][ids] = deviation.cpu().numpy()
-        info_values["disagreement"][ids] = disagreement.cpu().numpy()
-        info_values["plan_return"][ids] = self._plan_return[tid].cpu().numpy()
-        info_values["replanned"][replan_ids] = True
-        info_values["on_plan"][ids] = exact.numpy()
-        info_values["nonfinite"][ids] = ~finite_np
+        infos["mode"][ids] = np.where(follows, "plan", "model")
+        infos["disagreement"][ids] = dis_np
+        infos["replanned"][go_on] = True
+        infos["nonfinite"][ids] = ~finite_np
+        self.stats["plan_steps"] += int(follows.sum())
+        self.stats["model_steps"] += int((~follows).sum())
+        self.stats["uncertain"] += int(uncertain.sum())
         self.stats["nonfinite"] += int((~finite_np).sum())
 
+    def _count_pool_starts(self, s: EnvState, ids: np.ndarray, follows: np.ndarray) -> None:
+        """Auto mode: switch the pool off after `pool_size` pool-plan episodes in a row left their plan at once."""
+        first = s.pool_start[ids]
+        if not first.any():
+            return
+        s.pool_start[ids] = False
+        s.pool_misses = 0 if follows[first].any() else s.pool_misses + int(first.sum())
+        if self.config.plans == "auto" and s.pool_misses >= self.pool_size:
+            s.pool_on, s.pool, s.pool_misses = False, None, 0
+
     def close_extras(self, **kwargs) -> None:
-        self._pool = None
+        self._state = dataclasses.replace(self._state, pool=None)
 
 
 class DydiffSingleEnv(gym.Env):
@@ -487,6 +636,14 @@ class DydiffSingleEnv(gym.Env):
     def bundle(self) -> Bundle:
         return self.vector_env.bundle
 
+    @property
+    def config(self) -> EnvConfig:
+        return self.vector_env.config
+
+    @property
+    def stats(self) -> dict:
+        return self.vector_env.stats
+
     def set_policy(self, policy: Any = None, input: str = "auto") -> None:
         self.vector_env.set_policy(policy, input)
 
@@ -497,10 +654,11 @@ class DydiffSingleEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        if seed is not None or not self.vector_env._started:
+        if seed is not None or not self.vector_env.started:
             # share one RNG: the single env's np_random seeds the vector env's generators
             self.vector_env._np_random = self.np_random
-            self.vector_env._pool = None if seed is not None else self.vector_env._pool
+            if seed is not None:
+                self.vector_env._state = self.vector_env._initial_state()
         obs, infos = self.vector_env.reset(options=options)
         self._needs_reset = False
         return obs[0], self._unbatch(infos)
@@ -508,7 +666,7 @@ class DydiffSingleEnv(gym.Env):
     def step(self, action):
         if self._needs_reset:
             raise RuntimeError("call reset() before step() (the episode has ended or never started)")
-        action = np.asarray(action)
+        action = action.detach().cpu().numpy() if isinstance(action, torch.Tensor) else np.asarray(action)
         if action.shape != self.action_space.shape:
             raise ValueError(f"action must have shape {self.action_space.shape}, got {action.shape}")
         obs, reward, terminated, truncated, infos = self.vector_env.step(action[None])

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import SamplerConfig
+from .config import FilterConfig, SamplerConfig
 from .models import edm_sample
 
 Policy = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
@@ -31,25 +31,6 @@ Policy = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 
 class PolicyError(ValueError):
     pass
-
-
-@dataclass
-class FilterConfig:
-    """Which trajectories a rollout keeps. mode: "hardmax" (the top `keep_fraction` by predicted return),
-    "softmax" (that many drawn without replacement with p ~ exp(z / temperature), z the standardised
-    return), or "none"."""
-
-    mode: str = "hardmax"
-    keep_fraction: float = 0.6
-    temperature: float = 0.05
-
-    def __post_init__(self):
-        if self.mode not in ("hardmax", "softmax", "none"):
-            raise ValueError(f"filter mode must be 'hardmax', 'softmax' or 'none', got '{self.mode}'")
-        if not 0 < self.keep_fraction <= 1:
-            raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 @dataclass

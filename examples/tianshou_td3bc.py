@@ -14,8 +14,8 @@ How it fits together:
   DyDiff reference's ratio), computes each part's TD targets against its own buffer, and updates TD3BC on the
   concatenated batch. Tianshou's `OfflineTrainer` samples a single buffer (and never calls `training_fn`),
   hence this small loop around `TD3BC._update_with_batch`.
-Episodes in the model are one plan long (`on_plan_end="truncate"`, from any dataset state): the short,
-branched rollouts of model-based offline RL rather than 1000-step episodes.
+Episodes in the model are one plan long (`plans="always"`, `max_episode_steps` = the plan horizon, from any
+dataset state): the short, branched rollouts of model-based offline RL rather than 1000-step episodes.
 """
 
 from __future__ import annotations
@@ -110,12 +110,16 @@ def dataset_buffer(data):
 
 
 def make_model_env(args, task: str):
-    """The learned simulator for a Collector: DISABLED autoreset, one plan per episode from any dataset state."""
+    """The learned simulator for a Collector: DISABLED autoreset, one filtered pool plan per episode (the episode
+    is truncated at the plan's end), from any dataset state."""
     from dydiff_env.adapters import make_tianshou_vec_env
+    from dydiff_env.env import resolve_bundle
 
-    env = make_tianshou_vec_env(args.num_envs, bundle=args.bundle, task=task, horizon=args.horizon,
-                                num_iterations=args.iterations, on_plan_end="truncate", start_states="any",
-                                pool_size=args.pool_size, device=args.device)
+    bundle = resolve_bundle(args.bundle, task, args.device)
+    horizon = args.horizon or 3 * bundle.diffusion.horizon // 4  # the env's default plan length
+    env = make_tianshou_vec_env(args.num_envs, bundle=bundle, task=task, horizon=horizon,
+                                num_iterations=args.iterations, plans="always", max_episode_steps=horizon,
+                                start_states="any", pool_size=args.pool_size, device=args.device)
     if args.sampler_steps:
         env.venv.sampler = replace(env.venv.sampler, num_steps=args.sampler_steps)
     env.seed(args.seed)

@@ -1,6 +1,7 @@
 """DydiffEnv / Dydiff-hopper-v0: Gymnasium contracts (single and vector), autoreset modes, truncation, seeding,
-bit-exact plan serving, the off-plan response, deviation handling, input validation, policy handles, bundle
-errors and the no-NaN guarantee. All on the session's `tiny_bundle`, with small plan pools (pool_size=8)."""
+bit-exact plan serving, Markov model steps off plan, batched continuations, auto mode, atomic steps, input
+validation, policy handles, bundle errors and the no-NaN guarantee. All on the session's `tiny_bundle`, with
+small plan pools (pool_size=8)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from gymnasium.vector import AutoresetMode
 
 import dydiff_env
 from dydiff_env import BundleError, DydiffEnv, FilterConfig, PolicyError, as_policy, dydiff_rollout, load_bundle
+from dydiff_env.rollout import filter_trajectories
 from dydiff_env.env import INFO_KEYS, shipped_bundle_path
 
 ENV_ID = "Dydiff-hopper-v0"
-FAST = dict(pool_size=8)  # small pools: a reset generates ceil(8 / 0.6) = 14 DyDiff trajectories
+FAST = dict(pool_size=8)  # small pools: a pool generation makes ceil(8 / 0.6) = 14 DyDiff trajectories
+PLANS = dict(FAST, plans="always")  # every episode starts from a pool plan (the BC policy's without a handle)
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +74,10 @@ def test_make_with_module_prefix(tiny_bundle):
     env = gym.make("dydiff_env:Dydiff-hopper-v0", bundle=tiny_bundle, **FAST)
     assert env.spec.max_episode_steps == 1000  # a TimeLimit like the real Hopper-v5
     obs, info = env.reset(seed=0)
-    assert obs.shape == (11,) and "plan_return" in info
+    assert obs.shape == (11,) and "plan_return" not in info  # no handle: auto mode serves no plans
     obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
     assert isinstance(reward, float) and isinstance(terminated, bool) and isinstance(truncated, bool)
-    assert set(INFO_KEYS) <= set(info)
+    assert set(INFO_KEYS) - {"plan_return"} <= set(info) and info["mode"] == "model"
     env.close()
 
 
@@ -120,7 +123,7 @@ def test_vector_contract(bundle):
 
 def test_autoreset_next_step(bundle):
     # max_episode_steps=1: every step ends every episode, so the following step is the reset step
-    env, twin = make_vec(bundle, 3, max_episode_steps=1), make_vec(bundle, 3, max_episode_steps=1)
+    env, twin = (make_vec(bundle, 3, max_episode_steps=1, plans="always") for _ in range(2))
     env.reset(seed=1)
     twin.reset(seed=1)
     a = np.zeros((3, 3), np.float32)
@@ -137,15 +140,15 @@ def test_autoreset_next_step(bundle):
             assert not info[f"_{key}"].any(), key
     # like a reset's info, the reset step reports the new plans' predicted returns
     assert info["_plan_return"].all()
-    assert np.array_equal(info["plan_return"], env._plan_return.numpy().astype(np.float64))
+    assert np.array_equal(info["plan_return"], env._state.plan.returns.numpy().astype(np.float64))
     # and the episode after it runs normally
     obs, rewards, terminated, truncated, info = env.step(a)
-    assert info["_deviation"].all() and (terminated | truncated).all()
+    assert info["_mode"].all() and (terminated | truncated).all()
 
 
 def test_autoreset_same_step(bundle):
-    same = make_vec(bundle, 3, max_episode_steps=1, autoreset_mode=AutoresetMode.SAME_STEP)
-    nxt = make_vec(bundle, 3, max_episode_steps=1)  # NEXT_STEP twin with the same seed and plans
+    same = make_vec(bundle, 3, max_episode_steps=1, autoreset_mode=AutoresetMode.SAME_STEP, plans="always")
+    nxt = make_vec(bundle, 3, max_episode_steps=1, plans="always")  # NEXT_STEP twin with the same seed and plans
     assert same.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
     same.reset(seed=2)
     nxt.reset(seed=2)
@@ -158,9 +161,9 @@ def test_autoreset_same_step(bundle):
     assert np.array_equal(info["_final_obs"], done) and np.array_equal(info["_final_info"], done)
     for i in range(3):
         assert np.array_equal(info["final_obs"][i], final_obs[i]), "final_obs holds the terminal observation"
-    assert "deviation" in info["final_info"] and info["final_info"]["_deviation"].all()
+    assert "mode" in info["final_info"] and info["final_info"]["_mode"].all()
     # the step's own info moved to final_info; the main info holds the reset's (the new plans' returns)
-    assert not info["_deviation"].any() and info["_plan_return"].all()
+    assert not info["_mode"].any() and info["_plan_return"].all()
     # the returned observations are already the next episodes' starts: what NEXT_STEP returns one step later
     reset_obs, *_ = nxt.step(a)
     assert np.array_equal(obs, reset_obs)
@@ -168,7 +171,7 @@ def test_autoreset_same_step(bundle):
 
 
 def test_autoreset_disabled_and_reset_mask(bundle):
-    env = make_vec(bundle, 4, max_episode_steps=1, autoreset_mode="Disabled")
+    env = make_vec(bundle, 4, max_episode_steps=1, autoreset_mode="Disabled", plans="always")
     with pytest.raises(ValueError, match="first reset"):
         env.reset(seed=0, options={"reset_mask": np.array([True, False, True, False])})
     obs0, _ = env.reset(seed=0)
@@ -209,7 +212,7 @@ def test_vector_truncation_at_max_episode_steps(bundle):
     for _ in range(8):
         _, _, terminated, truncated, info = env.step(env.action_space.sample())
         elapsed = np.where(needs_reset, 0, elapsed + 1)
-        # nothing else truncates here: plan ends and deviations re-plan, the tiny models stay finite
+        # nothing else truncates here: the tiny models stay finite
         assert np.array_equal(truncated, elapsed == 5), (elapsed, truncated)
         seen_truncation |= truncated.any()
         needs_reset = terminated | truncated
@@ -231,8 +234,9 @@ def test_single_env_time_limit(bundle):
     pytest.fail("every episode terminated within 3 steps")
 
 
-def test_seeding(bundle):
-    a, b, c = make_vec(bundle), make_vec(bundle), make_vec(bundle)
+@pytest.mark.parametrize("plans", ["auto", "always"])
+def test_seeding(bundle, plans):
+    a, b, c = (make_vec(bundle, plans=plans) for _ in range(3))
     obs_a, _ = a.reset(seed=3)
     obs_b, _ = b.reset(seed=3)
     obs_c, _ = c.reset(seed=4)
@@ -255,29 +259,27 @@ def test_seeding(bundle):
 def replay_pool(env: DydiffEnv, seed: int, policy):
     """The pool the env generates at `reset(seed=seed)`, recomputed outside the env with `dydiff_rollout`.
 
-    This mirrors `DydiffEnv.reset`/`_generate_pool`'s use of randomness (the seed makes a numpy Generator; its
-    first draw seeds the torch generator, the next picks the episode starts, the last shuffles the kept plans).
-    It has to reproduce the very same batch, because float32 model outputs are bit-identical only for the same
-    batch composition; with that, equality checks the whole chain: the env's plans ARE DyDiff rollouts of the
-    policy, and stepping serves them unchanged."""
+    This mirrors the env's use of randomness (the seed makes a numpy Generator; its first draw seeds the torch
+    generator, the next picks the start states, the last shuffles the kept plans). It has to reproduce the
+    very same batch, because float32 model outputs are bit-identical only for the same batch composition; with
+    that, equality checks the whole chain: the env's plans ARE DyDiff rollouts of the policy, filtered, and
+    stepping serves them unchanged."""
     rng, _ = np_random(seed)
     generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
-    starts = env.bundle.start_states
-    rows = np.flatnonzero(starts["is_episode_start"])
-    count = math.ceil(env.pool_size / env.filter.keep_fraction)
-    pick = rows[rng.integers(0, len(rows), size=count)]
-    result = dydiff_rollout(env.bundle, torch.as_tensor(starts["observations"][pick]), as_policy(policy),
-                            horizon=env.horizon, num_iterations=env.num_iterations, sampler=env.sampler,
-                            filter=FilterConfig(env.filter.mode, env.filter.keep_fraction, env.filter.temperature),
-                            generator=generator, dynamics_mode=env.dynamics_mode)
-    kept = torch.nonzero(result.kept).flatten().numpy()
+    cfg = env.config
+    count = math.ceil(env.pool_size / cfg.filter.keep_fraction)
+    starts = env.bundle.sample_start_obs(count, rng)
+    result = dydiff_rollout(env.bundle, starts, as_policy(policy), horizon=env.horizon,
+                            num_iterations=cfg.num_iterations, sampler=env.sampler, filter=FilterConfig("none"),
+                            generator=generator, dynamics_mode=cfg.rollout_dynamics)
+    kept = torch.nonzero(filter_trajectories(result.returns, cfg.filter, generator)).flatten().numpy()
     rng.shuffle(kept)
     return result.select(torch.as_tensor(kept))
 
 
 def test_on_plan_steps_are_the_rollout_bit_for_bit(bundle):
     policy = fixed_policy()
-    env = make_vec(bundle, 4)
+    env = make_vec(bundle, 4, plans="always")
     env.set_policy(policy)
     obs, _ = env.reset(seed=5)
     plans = replay_pool(env, 5, policy)
@@ -293,56 +295,194 @@ def test_on_plan_steps_are_the_rollout_bit_for_bit(bundle):
             break
         obs, rewards, terminated, truncated, info = env.step(act_with(policy, obs))
         ids = np.flatnonzero(active)
-        assert info["on_plan"][ids].all()
+        assert (info["mode"][ids] == "plan").all()
         assert np.array_equal(obs[ids], plans.next_obs[ids, t].double().numpy())
         assert np.array_equal(rewards[ids], plans.rewards[ids, t].double().numpy())
         assert np.array_equal(terminated[ids], plans.terminated[ids, t].numpy())
-        assert (info["deviation"][ids] == 0).all()
         steps += len(ids)
         active &= ~(terminated | truncated)
     assert steps >= 4
+    assert env.stats["model_steps"] == 0
 
 
-def test_off_plan_response_is_first_order(bundle):
-    env = DydiffEnv(1, bundle=bundle, deviation_threshold=math.inf, **FAST)
-    obs0, _ = env.reset(seed=0)
-    # white-box: the plan's first transition, to compare with the model's prediction at the plan
-    plan_a, plan_next = env._plan_actions[0, 0].clone(), env._plan_obs[0, 1].clone()
-    x = torch.as_tensor(obs0, dtype=torch.float32)
-    f_plan, _ = bundle.dynamics.predict(x, plan_a[None], mode="mean")
-    nexts = []
-    for delta in (0.4, -0.4):
-        env.reset(seed=0)
-        assert np.array_equal(env._observations(), obs0)  # same seed: same plan, same state
-        a = (plan_a + delta).clamp(-1, 1)[None]
-        obs, reward, _, _, info = env.step(a.numpy())
-        assert not info["on_plan"][0] and info["deviation"][0] > 0
-        f_a, _ = bundle.dynamics.predict(x, a, mode="mean")
-        response = (f_a - f_plan)[0].double().numpy()
-        assert np.linalg.norm(response) > 1e-3
-        np.testing.assert_allclose(obs[0] - plan_next.double().numpy(), response, rtol=1e-4, atol=2e-6)
-        np.testing.assert_allclose(reward[0], float(bundle.reward(x, a)[0]), rtol=1e-5, atol=1e-6)
-        nexts.append(obs[0])
-    assert not np.array_equal(nexts[0], nexts[1]), "different actions, different next observations"
+def test_model_steps_are_markov(bundle):
+    """Off plan, the next state depends on (state, action) only: two sub-envs at one start state on different
+    plans, given the same action, land on the same state, the elites' mean prediction."""
+    env = DydiffEnv(2, bundle=bundle, policy=fixed_policy(), model_dynamics="mean", **PLANS)
+    s0 = start_rows(bundle)[3]
+    obs, _ = env.reset_to(np.stack([s0, s0]), seed=0)
+    plans = env._state.plan
+    assert not torch.equal(plans.obs[0, 1], plans.obs[1, 1]), "two samples of the sampler: two different plans"
+    x = torch.as_tensor(obs, dtype=torch.float32)
+    for action in (np.full(3, 0.7), np.array([-0.5, 0.2, 0.9])):
+        a = np.stack([action, action]).astype(np.float32)
+        obs, rewards, terminated, truncated, info = env.step(a)
+        assert (info["mode"] == "model").all()
+        expected, disagreement = bundle.dynamics.predict(x, torch.as_tensor(a), mode="mean")
+        assert np.array_equal(obs[0], obs[1]) and np.array_equal(rewards[0], rewards[1])
+        np.testing.assert_array_equal(obs, expected.double().numpy())
+        np.testing.assert_allclose(rewards, bundle.reward(x, torch.as_tensor(a)).double().numpy(), rtol=1e-6)
+        np.testing.assert_allclose(info["disagreement"], disagreement.double().numpy(), rtol=1e-6)
+        if (terminated | truncated).any():
+            break
+        x = torch.as_tensor(obs, dtype=torch.float32)
+    # the plan-free env gives the same transitions: where a sub-env was on plan before does not matter
+    planless = DydiffEnv(1, bundle=bundle, model_dynamics="mean", plans="never")
+    obs, _ = planless.reset_to(s0[None])
+    obs, *_ = planless.step(np.full((1, 3), 0.7, np.float32))
+    np.testing.assert_array_equal(obs[0], bundle.dynamics.predict(torch.as_tensor(s0[None]),
+                                                                  torch.full((1, 3), 0.7), mode="mean")[0][0].double().numpy())
 
 
-@pytest.mark.parametrize("on_deviation", ["replan", "truncate"])
-def test_deviation_threshold(bundle, on_deviation):
-    env = DydiffEnv(4, bundle=bundle, deviation_threshold=1e-6, on_deviation=on_deviation, **FAST)
-    env.reset(seed=0)
-    off = (env._plan_actions[:, 0] + 0.3).clamp(-1, 1).numpy()  # off plan, but near it: few falls
-    obs, _, terminated, truncated, info = env.step(off)
-    alive = ~terminated
-    assert alive.any()
-    assert (info["deviation"][alive] > 1e-6).all()
-    if on_deviation == "replan":
-        assert info["replanned"][alive].all() and not truncated[alive].any()
-        # the new plans start at the agent's current state
-        ids = torch.as_tensor(np.flatnonzero(alive))
-        assert torch.equal(env._plan_obs[ids, 0], torch.as_tensor(obs[alive], dtype=torch.float32))
-        assert env.stats["replans"] == int(alive.sum())
-    else:
-        assert truncated[alive].all() and not info["replanned"].any()
+def test_uncertainty_penalty_and_truncation(bundle):
+    plain, penalised = (DydiffEnv(3, bundle=bundle, model_dynamics="mean", uncertainty_penalty=lam, **FAST)
+                        for lam in (0.0, 2.0))
+    plain.reset(seed=0)
+    penalised.reset(seed=0)
+    a = np.full((3, 3), 0.3, np.float32)
+    _, r0, *_ = plain.step(a)
+    _, r1, *_, info = penalised.step(a)
+    np.testing.assert_allclose(r0 - r1, 2.0 * info["disagreement"], rtol=1e-5, atol=1e-6)
+    strict = DydiffEnv(3, bundle=bundle, max_disagreement=1e-9, **FAST)
+    strict.reset(seed=0)
+    _, _, terminated, truncated, _ = strict.step(a)
+    assert (truncated | terminated).all() and strict.stats["uncertain"] == int((~terminated).sum())
+
+
+def count_rollout_calls(monkeypatch) -> list[int]:
+    """Record the batch size of every DyDiff rollout the env makes."""
+    import dydiff_env.env as env_module
+
+    calls: list[int] = []
+    real = env_module.dydiff_rollout
+
+    def recording(bundle, start_obs, *args, **kwargs):
+        calls.append(len(start_obs))
+        return real(bundle, start_obs, *args, **kwargs)
+
+    monkeypatch.setattr(env_module, "dydiff_rollout", recording)
+    return calls
+
+
+def test_continuations_are_batched_and_ready_at_plan_ends(bundle, monkeypatch):
+    policy = fixed_policy(1)
+    env = DydiffEnv(4, bundle=bundle, policy=policy, horizon=3, max_episode_steps=None, **PLANS)
+    calls = count_rollout_calls(monkeypatch)
+    obs, _ = env.reset(seed=0)
+    assert calls == [math.ceil(8 / 0.6)]  # the pool
+    plan_steps, continued = 0, 0
+    for _ in range(9):
+        before = len(calls)
+        obs, _, terminated, truncated, info = env.step(act_with(policy, obs))
+        new = calls[before:]
+        assert len(new) <= 1, "everything pending is served by one batched call"
+        plan_steps += int((info["mode"] == "plan").sum())
+        continued += int(info["replanned"].sum())
+    assert env.stats["model_steps"] == 0 and plan_steps > 0, "an agent that follows its plans never leaves them"
+    assert continued > 0 and env.stats["replans"] >= continued
+    continuation_calls = [c for c in calls[1:] if c < 8]
+    assert any(c > 1 for c in calls[1:]), f"continuations of several sub-envs share a call: {calls}"
+    # a sub-env that leaves its plan costs no diffusion run, now or at its old plan's end
+    before = len(calls)
+    off = act_with(policy, obs)
+    off[0] = np.clip(off[0] + 0.5, -1, 1)
+    env.step(off)
+    assert env._state.on_plan[0] == False and not env._state.wants_next[0]  # noqa: E712
+    assert all(c != 1 for c in calls[before:]), "no diffusion call for a single deviating sub-env"
+    del continuation_calls
+
+
+def test_auto_mode_plans_only_for_agents_that_act_as_the_handle(bundle, monkeypatch):
+    policy = fixed_policy(2)
+    calls = count_rollout_calls(monkeypatch)
+    env = DydiffEnv(4, bundle=bundle, policy=policy, max_episode_steps=20, **FAST)
+    assert env.config.plans == "auto"
+    obs, _ = env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(30):  # a random agent: never a diffusion run
+        obs, *_, info = env.step(rng.uniform(-1, 1, (4, 3)))
+    assert calls == [] and env.stats["plan_steps"] == 0
+    obs, _ = env.reset()
+    obs, *_, info = env.step(act_with(policy, obs))  # the handle's actions: first plans, in one call
+    assert (info["mode"] == "plan").all() and calls == [4] and env.stats["first_plans"] == 4
+    assert env._state.pool_on
+    env.reset()  # the pool is on: episodes now start from filtered pool plans
+    assert len(calls) == 2 and env.stats["pool_generations"] == 1
+    # an agent that leaves every pool plan at its first action switches the pool off again
+    for _ in range(10):
+        env.step(rng.uniform(-1, 1, (4, 3)))
+        env.reset()
+    assert not env._state.pool_on
+    # without a handle there is nothing an agent could follow: no plans, no probing
+    no_handle = DydiffEnv(2, bundle=bundle, **FAST)
+    no_handle.reset(seed=0)
+    no_handle.step(np.zeros((2, 3)))
+    assert not no_handle._state.probing.any() and no_handle.stats["rollout_calls"] == 0
+
+
+def test_start_states_are_uniform_over_the_dataset(bundle):
+    """The bundle stores every episode start plus a subsample of the other rows; resets reweight them."""
+    import dataclasses
+
+    n_start, n_rest = 10, 10
+    obs = np.arange(n_start + n_rest, dtype=np.float32)[:, None].repeat(11, 1)
+    fake = dataclasses.replace(bundle, meta={**bundle.meta, "dataset_episodes": 100, "dataset_transitions": 1000},
+                               start_states={"observations": obs,
+                                             "is_episode_start": np.arange(n_start + n_rest) < n_start})
+    picks = fake.sample_start_obs(20_000, np.random.default_rng(0))[:, 0].numpy()
+    share = (picks < n_start).mean()
+    assert abs(share - 0.1) < 0.01, f"episode starts are 10 % of the dataset's rows, drew {share:.3f}"
+    only = fake.sample_start_obs(100, np.random.default_rng(0), episode_starts=True)[:, 0].numpy()
+    assert (only < n_start).all()
+
+
+def test_a_step_that_raises_leaves_the_env_as_it_was(bundle):
+    """A policy handle that fails during a re-plan at a plan's end: the step raises, the env is unchanged, and
+    once the handle works again the env goes on exactly like a twin that never failed."""
+    base = fixed_policy(1)
+    broken = {"on": False}
+
+    def handle(obs):
+        if broken["on"]:
+            raise RuntimeError("policy failure")
+        return act_with(base, obs)
+
+    env, twin = (DydiffEnv(2, bundle=bundle, policy=handle, horizon=3, max_episode_steps=None, pool_size=2,
+                           plans="always", filter="none") for _ in range(2))
+    obs, _ = env.reset(seed=1)
+    twin.reset(seed=1)
+    for _ in range(2):  # up to the last step of the first plans: the continuations are due now
+        a = act_with(base, obs)
+        obs, *_ = env.step(a)
+        twin.step(a)
+    broken["on"] = True
+    before = (env._state, env.stats.copy(), env._generator.get_state(), env.np_random.bit_generator.state)
+    with pytest.raises(RuntimeError, match="policy failure"):
+        env.step(act_with(base, obs))
+    assert env._state is before[0] and env.stats == before[1]
+    assert torch.equal(env._generator.get_state(), before[2]) and env.np_random.bit_generator.state == before[3]
+    broken["on"] = False
+    for _ in range(4):
+        a = act_with(base, obs)
+        out, twin_out = env.step(a), twin.step(a)
+        for x, y in zip(out[:4], twin_out[:4]):
+            assert np.array_equal(x, y)
+        obs = out[0]
+
+
+def test_removed_keywords_name_their_replacement(bundle):
+    with pytest.raises(TypeError, match="max_disagreement"):
+        DydiffEnv(1, bundle=bundle, deviation_threshold=1.0)
+    with pytest.raises(TypeError, match="unknown keyword 'pool'.*pool_size"):
+        DydiffEnv(1, bundle=bundle, pool=3)
+    with pytest.raises(ValueError, match="plans must be one of"):
+        DydiffEnv(1, bundle=bundle, plans="sometimes")
+    from dydiff_env import EnvConfig
+
+    env = gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="vector_entry_point", bundle=bundle,
+                       config=EnvConfig(plans="never", pool_size=3), filter="softmax", keep_fraction=0.5)
+    assert env.config.plans == "never" and env.config.pool_size == 3
+    assert env.config.filter == FilterConfig("softmax", 0.5)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -392,7 +532,7 @@ def test_step_before_reset(bundle):
 
 
 def test_bad_policy_handle_raises_policy_error(bundle):
-    env = DydiffEnv(1, bundle=bundle, **FAST)
+    env = DydiffEnv(1, bundle=bundle, **PLANS)
     env.set_policy(lambda obs: np.zeros((obs.shape[0], 2)))
     with pytest.raises(PolicyError, match="shape"):
         env.reset(seed=0)
@@ -428,7 +568,7 @@ def test_never_emits_nan(tiny_bundle, monkeypatch):
         return torch.full_like(nxt, math.nan), disagreement
 
     monkeypatch.setattr(own.dynamics, "predict", nan_predict)
-    off = (env._plan_actions[:, 0] + 0.5).clamp(-1, 1).numpy()  # off plan: the response needs the model
+    off = np.full((2, 3), 0.5, np.float32)  # no plans: a model step
     obs, rewards, terminated, truncated, info = env.step(off)
     assert np.isfinite(obs).all() and np.isfinite(rewards).all()
     assert np.array_equal(obs, obs0), "a non-finite step repeats the previous observation"
@@ -470,9 +610,10 @@ def test_policy_handles_numpy_torch_agent(bundle):
     with pytest.raises(TypeError):
         as_policy("not a policy")
     # an env accepts a handle and plans with it
-    env = DydiffEnv(1, bundle=bundle, policy=module, **FAST)
+    env = DydiffEnv(1, bundle=bundle, policy=module, **PLANS)
     obs, _ = env.reset(seed=0)
-    torch.testing.assert_close(env._plan_actions[0, 0], module(torch.as_tensor(obs[0], dtype=torch.float32)))
+    torch.testing.assert_close(torch.as_tensor(env.planned_actions()[0]),
+                               module(torch.as_tensor(obs[0], dtype=torch.float32)))
 
 
 def test_as_policy_imports_tianshou_only_for_tianshou_objects(monkeypatch):
@@ -499,7 +640,7 @@ def test_policy_handle_sb3(bundle):
     actions = _check_handle(model, bundle)
     expected, _ = model.predict(start_rows(bundle)[:5], deterministic=True)
     np.testing.assert_allclose(actions.numpy(), expected, rtol=1e-6, atol=1e-6)
-    env = DydiffEnv(1, bundle=bundle, policy=model, **FAST)
+    env = DydiffEnv(1, bundle=bundle, policy=model, **PLANS)
     env.reset(seed=0)
     real.close()
 
@@ -525,6 +666,6 @@ def test_policy_handle_tianshou(bundle):
     algorithm = DDPG(policy=policy, policy_optim=AdamOptimizerFactory(), critic=critic,
                      critic_optim=AdamOptimizerFactory())
     assert torch.equal(_check_handle(algorithm, bundle), actions)
-    env = DydiffEnv(1, bundle=bundle, policy=policy, **FAST)
+    env = DydiffEnv(1, bundle=bundle, policy=policy, **PLANS)
     env.reset(seed=0)
     real.close()

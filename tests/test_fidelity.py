@@ -231,17 +231,23 @@ def test_quick_run_writes_json_and_png(tiny_bundle, tiny_dataset, tmp_path, caps
     assert rc == 0
     results = json.loads((out / "fidelity.json").read_text())
     assert (out / "fidelity.png").stat().st_size > 1000 and "| method |" in (out / "fidelity.md").read_text()
-    assert set(results["regimes"]) == {"teacher-forced", "policy-driven"}
+    assert set(results["regimes"]) == set(fidelity.REGIMES)
     assert results["config"]["horizon"] == 6 and results["config"]["num_starts"] == 6
     assert results["config"]["sampler_steps"] == 2
     assert results["checks"]["replay_max_abs_diff"] < 1e-4 and results["checks"]["start_obs_max_abs_diff"] < 1e-4
-    for regime in results["regimes"].values():
-        assert set(regime["methods"]) == set(fidelity.METHODS)
+    for name, regime in results["regimes"].items():
+        shared_prior = name in ("teacher-forced", "policy-driven")
+        assert set(regime["methods"]) == set(fidelity.METHODS) - (set() if shared_prior else {"behaviour-prior"})
         assert set(regime["crossover"]) == {"dydiff-M1", "dydiff-M2", "dydiff-M3"}
         for m in regime["methods"].values():
             assert len(m["state_error"]["mean"]) == 6 and m["seconds"] >= 0
             assert m["state_error"]["mean"][0] is not None and m["state_error"]["mean"][0] >= 0
             assert 0 <= m["termination"]["agreement"][-1] <= 1
+    # the env leaves its plans for noisy and random agents (model steps); an agent acting as the handle is served
+    # plans; the simulator replays one set of exploration actions for every model
+    envs = {r: results["regimes"][r]["methods"]["env"] for r in fidelity.REGIMES}
+    assert envs["policy-driven"]["plan_share"] > 0.9
+    assert envs["noisy-policy"]["plan_share"] == envs["random-actions"]["plan_share"] == 0
     # the behaviour prior is one computation shared by both regimes
     tf, pd = (results["regimes"][r]["methods"]["behaviour-prior"] for r in ("teacher-forced", "policy-driven"))
     assert tf["return_error"]["pred_mean"] == pd["return_error"]["pred_mean"]

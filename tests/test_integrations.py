@@ -74,7 +74,7 @@ def test_sb3_reset_and_step_follow_the_vecenv_api(sb3_env):
     obs = env.reset()
     assert obs.shape == (3, OBS_DIM) and obs.dtype == sb3_env.observation_space.dtype
     assert all(sb3_env.observation_space.contains(o) for o in obs)
-    assert len(sb3_env.reset_infos) == 3 and "plan_return" in sb3_env.reset_infos[0]
+    assert len(sb3_env.reset_infos) == 3  # no handle: no plans, so no plan_return
     rng = np.random.default_rng(0)
     seen_done = np.zeros(3, dtype=bool)
     for _ in range(4):  # max_episode_steps=4: every sub-env finishes within 4 steps
@@ -84,7 +84,7 @@ def test_sb3_reset_and_step_follow_the_vecenv_api(sb3_env):
         assert dones.shape == (3,) and dones.dtype == bool
         assert isinstance(infos, list) and len(infos) == 3
         for i, info in enumerate(infos):
-            assert isinstance(info["TimeLimit.truncated"], bool) and "deviation" in info
+            assert isinstance(info["TimeLimit.truncated"], bool) and info["mode"] == "model"
             assert ("terminal_observation" in info) == dones[i]
             if dones[i]:
                 assert info["terminal_observation"].shape == (OBS_DIM,)
@@ -218,7 +218,7 @@ def test_tianshou_collector_fills_a_buffer_on_plan(tianshou, tiny_dataset, tiny_
     from tianshou.data import Collector, VectorReplayBuffer
 
     example = load_example("tianshou_td3bc")
-    env = make_tianshou_vec_env(3, bundle=tiny_bundle, max_episode_steps=6, start_states="any")
+    env = make_tianshou_vec_env(3, bundle=tiny_bundle, max_episode_steps=6, start_states="any", plans="always")
     algorithm = example.build_algorithm(tiny_dataset, env.single_action_space,
                                         SimpleNamespace(alpha=2.5, device="cpu"))
     env.set_policy(algorithm)  # plans made with the actor the collector acts with
@@ -229,7 +229,7 @@ def test_tianshou_collector_fills_a_buffer_on_plan(tianshou, tiny_dataset, tiny_
     batch, _ = buffer.sample(0)
     assert batch.obs.shape == (30, OBS_DIM) and np.isfinite(batch.rew).all()
     # the env served its plans exactly: the collector's actions were the plans' actions
-    assert batch.info.on_plan.all() and (batch.info.deviation == 0).all()
+    assert (batch.info["mode"] == "plan").all() and env.venv.stats["model_steps"] == 0
     # n_episode collection steps subsets of the envs (surplus envs drop out): the background path
     stats = collector.collect(n_episode=4, reset_before_collect=True)
     assert stats.n_collected_episodes == 4
