@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Throughput of DyDiff rollouts and of the DydiffEnv, next to the real simulator, in one run.
 
-    python benchmarks/throughput.py [--bundle DIR] [--threads 1] [--steps 200] [--env-sampler-steps N]
-                                    [--quick] [--out FILE]
+    python benchmarks/throughput.py [--bundle DIR] [--threads 1] [--steps 1000] [--plan-steps N]
+                                    [--env-sampler-steps N] [--quick] [--out FILE]
 
 Measured (transitions per second, wall clock, single process, torch on `--threads` intra-op threads):
 
@@ -10,28 +10,27 @@ Measured (transitions per second, wall clock, single process, torch on `--thread
   behaviour-cloning policy: M=2 with the bundle's sampler, M=2 with a 10-step sampler, and M=0 (single-step
   ensemble only). "generated" counts every row (batch x horizon), "kept" only the valid steps of the
   trajectories the default hardmax filter keeps (what a replay buffer would receive).
-- `DydiffEnv.step` with num_envs 1, 64, 256 (env calls only: the agent's action computation is not timed),
-  in three agent modes:
-    - `off_plan`: uniform random actions, the bundle's BC policy plans. Every step is off plan (model
-      prediction for the response, re-plans when the deviation exceeds the threshold): the expensive case.
-    - `noisy_0.1`: the planning policy below plus N(0, 0.1) noise per action, as TD3 explores (the
-      responses are model-corrected, re-plans happen only when the drift passes the threshold).
-    - `on_plan`: the env plans with a fixed tanh-linear policy and the agent acts with that same policy, so
-      steps are served from the plans; the cost is plan generation (pool and re-plans at plan ends).
-  "total" is reset (the first pool generation) plus `--steps` steps; "steady" is the next `--steps` steps
-  (autoresets and pool refreshes included as they occur).
+- `DydiffEnv` with num_envs 1, 64, 256, one whole run per agent: `reset` then `--steps` vector steps (1,000
+  per sub-env by default; the agent that follows its plans runs 5 plan lengths), timing the env calls only
+  (the agent's own action computation is not timed) with every cost the user pays inside: autoresets, pool
+  generations, first plans and continuations. The env's policy handle is the task's shipped medium actor
+  (deterministic) for every agent, so auto mode's probing is included too. Agents:
+    - `handle`: acts as the handle, so it is served DyDiff plans (the cost is plan generation);
+    - `noisy_0.1`: the handle plus N(0, 0.1) per action, as TD3 explores;
+    - `sac`: the same actor sampling its stochastic actions, as an SB3 SAC actor collects;
+    - `random`: uniform random actions.
+  Reported: transitions/s, the share served from plans, rollout calls, episodes ended, peak memory.
 - the real env (`gymnasium.vector.SyncVectorEnv` of the bundle's MuJoCo env, random actions) with the same
-  num_envs, timed the same way; DydiffEnv ratios are against it. Rollout ratios are against the real env's
-  highest steady throughput in this run.
+  num_envs and `--steps`, timed the same way; DydiffEnv ratios are against it. Rollout ratios are against the
+  real env's highest throughput in this run.
 
 Memory: for every measurement, `peak_mib` is the largest resident set size (RSS, sampled from
 /proc/self/statm every 5 ms by a background thread) above the RSS at its start, and `maxrss_delta_mib` is the
 growth of the process high-water mark `resource.getrusage(RUSAGE_SELF).ru_maxrss` during it (0 when it stayed
 under an earlier peak of this process, so read it as a lower bound). Both include torch and MuJoCo memory.
 
-Off-plan steps at 256 envs re-plan often, and every re-plan is a diffusion run: with the bundle's 34-step
-sampler the full run takes a long time on 2 CPU cores; `--steps 20` or `--env-sampler-steps 10` bound it.
-Progress is printed per measurement and the JSON is rewritten after each one.
+The agent that follows its plans is bound by plan generation (a DyDiff rollout per plan); the others are served
+by the single-step model. Progress is printed per measurement and the JSON is rewritten after each one.
 
 Writes a markdown table to stdout, all numbers (with the settings and machine) to `--out` as JSON, and a
 log-scale bar chart of the step throughputs next to it (same name, .png).
@@ -103,17 +102,6 @@ class PeakMemory:
 # ------------------------------------------------------------------------------------------- measurements
 
 
-def linear_policy(obs_dim: int, act_dim: int, seed: int = 0):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(obs_dim, act_dim), torch.nn.Tanh()).requires_grad_(False)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return net
-
-
 def bench_rollout(bundle, label: str, num_iterations: int, sampler, batch: int, seed: int = 0) -> dict:
     import torch
 
@@ -139,67 +127,81 @@ def bench_rollout(bundle, label: str, num_iterations: int, sampler, batch: int, 
             "maxrss_delta_mib": mem.maxrss_delta_mib}
 
 
-def _timed_steps(env, steps: int, next_actions) -> tuple[float, np.ndarray]:
-    obs = None
-    elapsed = 0.0
-    for _ in range(steps):
-        actions = next_actions()
-        t0 = time.perf_counter()
-        obs, *_ = env.step(actions)
-        elapsed += time.perf_counter() - t0
-        next_actions.obs = obs
-    return elapsed, obs
+class Agent:
+    """What acts on the env (untimed): `handle` acts as the env's policy handle (deterministic actor);
+    `noisy_0.1` adds N(0, 0.1) per action (as TD3 explores); `sac` samples the stochastic actor (an SB3 SAC
+    actor collecting); `random` draws uniform actions. All clipped to [-1, 1]."""
 
-
-class _Actions:
-    """The agent: random actions, or the planning policy on the last observation plus optional Gaussian
-    noise (as TD3 explores), clipped to [-1, 1]. Untimed."""
-
-    def __init__(self, num_envs: int, act_dim: int, policy=None, seed: int = 0, noise_std: float = 0.0):
-        self.rng = np.random.default_rng(seed)
-        self.shape = (num_envs, act_dim)
-        self.policy = policy
-        self.noise_std = noise_std
-        self.obs = None
-
-    def __call__(self) -> np.ndarray:
-        if self.policy is None:
-            return self.rng.uniform(-1.0, 1.0, self.shape).astype(np.float32)
+    def __init__(self, kind: str, num_envs: int, act_dim: int, actor=None, seed: int = 0):
         import torch
 
+        if kind not in AGENTS:
+            raise ValueError(f"unknown agent '{kind}'; choose from {AGENTS}")
+        self.kind, self.actor = kind, actor
+        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.shape = (num_envs, act_dim)
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        if self.kind == "random":
+            return self.rng.uniform(-1.0, 1.0, self.shape).astype(np.float32)
+        actions = self.actor.act(obs, deterministic=self.kind != "sac", generator=self.generator)
+        if self.kind == "noisy_0.1":
+            actions = np.clip(actions + 0.1 * self.rng.standard_normal(self.shape), -1.0, 1.0)
+        return np.asarray(actions, dtype=np.float32)
+
+
+AGENTS = ("handle", "noisy_0.1", "sac", "random")
+
+
+def behaviour_actor(bundle, seed: int = 0):
+    """The task's shipped medium actor (an SB3 SAC snapshot), or a fixed tanh-linear actor where none ships."""
+    from dydiff_env.behaviour import GaussianActor, load_shipped_actor
+
+    try:
+        return load_shipped_actor(bundle.task.name, "medium")
+    except FileNotFoundError:
+        import torch
+
+        actor = GaussianActor(bundle.obs_dim, bundle.act_dim, hidden=(8,))
         with torch.no_grad():
-            actions = self.policy(torch.as_tensor(self.obs, dtype=torch.float32)).numpy()
-        if self.noise_std > 0:
-            actions = np.clip(actions + self.noise_std * self.rng.standard_normal(self.shape), -1.0, 1.0)
-        return actions.astype(np.float32)
+            g = torch.Generator().manual_seed(seed)
+            for p in actor.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        return actor
 
 
-ENV_MODES = {"on_plan": 0.0, "noisy_0.1": 0.1, "off_plan": None}  # agent mode -> exploration noise std
+def timed_run(env, agent: Agent, steps: int, seed: int) -> dict:
+    """reset + `steps` vector steps, timing the env calls only (autoresets, re-plans and pools included)."""
+    t0 = time.perf_counter()
+    obs, _ = env.reset(seed=seed)
+    reset_s = time.perf_counter() - t0
+    elapsed, episodes = reset_s, 0
+    for _ in range(steps):
+        actions = agent(obs)
+        t0 = time.perf_counter()
+        obs, _, terminated, truncated, _ = env.step(actions)
+        elapsed += time.perf_counter() - t0
+        episodes += int((terminated | truncated).sum())
+    n = env.num_envs * steps
+    return {"reset_s": reset_s, "total_s": elapsed, "total_per_s": n / elapsed, "transitions": n,
+            "episodes_ended": episodes}
 
 
-def bench_env(bundle, num_envs: int, mode: str, steps: int, seed: int = 0, sampler=None) -> dict:
+def bench_env(bundle, num_envs: int, agent_kind: str, steps: int, seed: int = 0, sampler=None) -> dict:
     from dydiff_env import DydiffEnv
 
+    actor = behaviour_actor(bundle, seed)
     with PeakMemory() as mem:
         env = DydiffEnv(num_envs, bundle=bundle, task=bundle.task.name, sampler=sampler)
-        policy = None
-        noise_std = ENV_MODES[mode]
-        if noise_std is not None:
-            policy = linear_policy(bundle.obs_dim, bundle.act_dim, seed)
-            env.set_policy(policy)
-        agent = _Actions(num_envs, bundle.act_dim, policy, seed, noise_std or 0.0)
-        t0 = time.perf_counter()
-        agent.obs, _ = env.reset(seed=seed)
-        reset_s = time.perf_counter() - t0
-        first_s, _ = _timed_steps(env, steps, agent)
-        steady_s, _ = _timed_steps(env, steps, agent)
+        env.set_policy(lambda obs: actor.act(obs, deterministic=True))  # every agent's env has the handle set
+        row = timed_run(env, Agent(agent_kind, num_envs, bundle.act_dim, actor, seed), steps, seed)
         stats = dict(env.stats)
         env.close()
-    n = num_envs * steps
-    return {"num_envs": num_envs, "mode": mode, "steps": steps, "sampler_steps": env.sampler.num_steps,
-            "reset_s": reset_s, "total_s": reset_s + first_s,
-            "steady_s": steady_s, "total_per_s": n / (reset_s + first_s), "steady_per_s": n / steady_s,
-            "stats": stats, "peak_mib": mem.peak_mib, "maxrss_delta_mib": mem.maxrss_delta_mib}
+    served = stats["plan_steps"] + stats["model_steps"]
+    return {"num_envs": num_envs, "agent": agent_kind, "steps": steps, "sampler_steps": env.sampler.num_steps,
+            **row, "plan_share": stats["plan_steps"] / max(1, served), "stats": stats,
+            "peak_mib": mem.peak_mib, "maxrss_delta_mib": mem.maxrss_delta_mib}
 
 
 def bench_real(env_id: str, num_envs: int, steps: int, seed: int = 0) -> dict:
@@ -207,18 +209,10 @@ def bench_real(env_id: str, num_envs: int, steps: int, seed: int = 0) -> dict:
 
     with PeakMemory() as mem:
         env = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(num_envs)])
-        env.action_space.seed(seed)
-        agent = _Actions(num_envs, env.single_action_space.shape[0], None, seed)
-        t0 = time.perf_counter()
-        env.reset(seed=seed)
-        reset_s = time.perf_counter() - t0
-        first_s, _ = _timed_steps(env, steps, agent)
-        steady_s, _ = _timed_steps(env, steps, agent)
+        row = timed_run(env, Agent("random", num_envs, env.single_action_space.shape[0], None, seed), steps, seed)
         env.close()
-    n = num_envs * steps
-    return {"num_envs": num_envs, "env_id": env_id, "steps": steps, "reset_s": reset_s, "total_s": reset_s + first_s,
-            "steady_s": steady_s, "total_per_s": n / (reset_s + first_s), "steady_per_s": n / steady_s,
-            "peak_mib": mem.peak_mib, "maxrss_delta_mib": mem.maxrss_delta_mib}
+    return {"num_envs": num_envs, "env_id": env_id, "steps": steps, **row, "peak_mib": mem.peak_mib,
+            "maxrss_delta_mib": mem.maxrss_delta_mib}
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -234,7 +228,7 @@ def markdown(results: dict) -> str:
     m = results["meta"]
     lines = [f"## DyDiff throughput ({m['env_id']}, bundle `{m['bundle']}`, {m['threads']} torch thread(s), "
              f"{m['cpu_count']} CPUs, {'quick' if m['quick'] else 'full'} run)", ""]
-    real_best = max(r["steady_per_s"] for r in results["real"])
+    real_best = max(r["total_per_s"] for r in results["real"])
     lines += ["### dydiff_rollout", "",
               "| rollout | M | sampler steps | batch x horizon | seconds | generated/s | kept/s | x real | peak MiB |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -242,39 +236,39 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['label']} | {r['num_iterations']} | {r['sampler_steps'] if r['num_iterations'] else '-'} | "
                      f"{r['batch']} x {r['horizon']} | {r['seconds']:.2f} | {_fmt(r['generated_per_s'])} | "
                      f"{_fmt(r['kept_per_s'])} | {r['generated_per_s'] / real_best:.3g} | {r['peak_mib']} |")
-    lines += ["", f"x real: generated/s over the real env's best steady throughput in this run ({_fmt(real_best)}/s).",
-              "", "### DydiffEnv.step vs the real env (SyncVectorEnv)", "",
-              f"The env plans and re-plans with M=2 and a {m.get('env_sampler_steps', m['sampler_steps'])}-step "
-              "sampler.", "",
-              "| num_envs | agent | total/s (reset + steps) | steady/s | real total/s | real steady/s | "
-              "x real total | x real steady | replans | pools | peak MiB (real) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", f"x real: generated/s over the real env's best throughput in this run ({_fmt(real_best)}/s).",
+              "", "### DydiffEnv vs the real env (SyncVectorEnv), whole runs", "",
+              f"Plans: M=2, {m.get('env_sampler_steps', m['sampler_steps'])}-step sampler; the policy handle is set "
+              "for every agent. total/s = num_envs x steps / seconds of env calls, reset, autoresets and every "
+              "re-plan included.", "",
+              "| num_envs | agent | steps | total/s | real total/s | x real | from plans | rollout calls | "
+              "episodes | peak MiB (real) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     real = {r["num_envs"]: r for r in results["real"]}
     for r in results["env"]:
         q = real[r["num_envs"]]
-        lines.append(f"| {r['num_envs']} | {r['mode']} | {_fmt(r['total_per_s'])} | {_fmt(r['steady_per_s'])} | "
-                     f"{_fmt(q['total_per_s'])} | {_fmt(q['steady_per_s'])} | {r['total_per_s'] / q['total_per_s']:.3g} | "
-                     f"{r['steady_per_s'] / q['steady_per_s']:.3g} | {r['stats']['replans']} | "
-                     f"{r['stats']['pool_generations']} | {r['peak_mib']} ({q['peak_mib']}) |")
-    lines += ["", f"{m['steps']} steps per block; transitions/s = num_envs x steps / seconds of env calls. "
-              "Peak MiB: sampled RSS peak above the RSS at the start of the measurement (JSON also has the "
+        lines.append(f"| {r['num_envs']} | {r['agent']} | {r['steps']} | {_fmt(r['total_per_s'])} | "
+                     f"{_fmt(q['total_per_s'])} | {r['total_per_s'] / q['total_per_s']:.3g} | "
+                     f"{100 * r['plan_share']:.0f} % | {r['stats']['rollout_calls']} | {r['episodes_ended']} | "
+                     f"{r['peak_mib']} ({q['peak_mib']}) |")
+    lines += ["", "Peak MiB: sampled RSS peak above the RSS at the start of the measurement (JSON also has the "
               "ru_maxrss growth)."]
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
-    """Steady transitions/s of DydiffEnv.step per agent mode next to the real env, log scale, per num_envs."""
+    """Whole-run transitions/s of DydiffEnv per agent next to the real env, log scale, per num_envs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sizes = sorted({r["num_envs"] for r in results["env"]})
-    modes = list(dict.fromkeys(r["mode"] for r in results["env"]))
-    series = {m: [next((r["steady_per_s"] for r in results["env"] if r["num_envs"] == n and r["mode"] == m),
-                       np.nan) for n in sizes] for m in modes}
-    series["real Hopper-v5"] = [next((r["steady_per_s"] for r in results["real"] if r["num_envs"] == n), np.nan)
-                                for n in sizes]
+    agents = list(dict.fromkeys(r["agent"] for r in results["env"]))
+    series = {a: [next((r["total_per_s"] for r in results["env"] if r["num_envs"] == n and r["agent"] == a),
+                       np.nan) for n in sizes] for a in agents}
+    series[f"real {results['meta']['env_id']}"] = [
+        next((r["total_per_s"] for r in results["real"] if r["num_envs"] == n), np.nan) for n in sizes]
     x = np.arange(len(sizes))
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
@@ -288,9 +282,9 @@ def plot(results: dict, path: Path) -> None:
                     bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
     ax.set_yscale("log")
     ax.set_xticks(x, [f"num_envs {n}" for n in sizes])
-    ax.set_ylabel("steady transitions / s")
+    ax.set_ylabel("transitions / s (whole run)")
     m = results["meta"]
-    ax.set_title(f"DydiffEnv.step ({m.get('env_sampler_steps', m['sampler_steps'])}-step sampler) vs "
+    ax.set_title(f"DydiffEnv ({m.get('env_sampler_steps', m['sampler_steps'])}-step sampler) vs "
                  f"{m['env_id']}, {m['threads']} thread(s)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
@@ -316,7 +310,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", help="bundle directory (default: the bundle shipped for hopper, if any)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--steps", type=int, default=None, help="env steps per timed block (default 200; --quick: 5)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="vector steps per run of the agents served by the model (default 1000; --quick: 5)")
+    p.add_argument("--plan-steps", type=int, default=None,
+                   help="vector steps per run of the agent that follows its plans (default: 5 plan lengths; "
+                        "--quick: 5)")
     p.add_argument("--batch", type=int, default=None, help="rollout batch size (default 256; --quick: 8)")
     p.add_argument("--num-envs", type=int, nargs="+", default=None, help="env sizes (default 1 64 256; --quick: 1 4)")
     p.add_argument("--env-sampler-steps", type=int, default=None,
@@ -325,11 +323,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.steps = args.steps or (5 if args.quick else 200)
+    args.steps = args.steps or (5 if args.quick else 1000)
+    args.plan_steps = args.plan_steps or (5 if args.quick else None)
     args.batch = args.batch or (8 if args.quick else 256)
     args.num_envs = args.num_envs or ([1, 4] if args.quick else [1, 64, 256])
-    if args.threads < 1 or args.steps < 1 or args.batch < 1 or min(args.num_envs) < 1:
-        p.error("--threads, --steps, --batch and --num-envs must be positive")
+    if args.threads < 1 or args.steps < 1 or args.batch < 1 or min(args.num_envs) < 1 or (args.plan_steps or 1) < 1:
+        p.error("--threads, --steps, --plan-steps, --batch and --num-envs must be positive")
     if args.env_sampler_steps is not None and args.env_sampler_steps < 1:
         p.error("--env-sampler-steps must be positive")
     return args
@@ -374,8 +373,8 @@ def main(argv=None) -> dict:
         # progress goes to stdout unbuffered and the JSON is rewritten after every measurement, so a long
         # run that is stopped keeps what it measured
         results[section].append(row)
-        rate = row.get("generated_per_s", row.get("steady_per_s"))
-        name = row.get("label") or f"num_envs {row['num_envs']} {row.get('mode', 'real')}"
+        rate = row.get("generated_per_s", row.get("total_per_s"))
+        name = row.get("label") or f"num_envs {row['num_envs']} {row.get('agent', 'real')}"
         print(f"[throughput] {section}: {name}: {_fmt(rate)}/s ({time.perf_counter() - t_start:.0f}s elapsed)",
               flush=True)
         write_json(results, args.out)
@@ -384,11 +383,14 @@ def main(argv=None) -> dict:
                                     args.batch, args.seed))
     record("rollout", bench_rollout(bundle, "M=2, 10-step sampler", 2, sampler10, args.batch, args.seed))
     record("rollout", bench_rollout(bundle, "M=0 (single-step ensemble)", 0, sampler, args.batch, args.seed))
+    plan_steps = args.plan_steps or 5 * max(1, 3 * bundle.diffusion.horizon // 4)
+    results["meta"]["plan_steps"] = plan_steps
     for n in args.num_envs:
         record("real", bench_real(bundle.task.env_id, n, args.steps, args.seed))
     for n in args.num_envs:
-        for mode in ENV_MODES:
-            record("env", bench_env(bundle, n, mode, args.steps, args.seed, env_sampler))
+        for agent in AGENTS:
+            steps = plan_steps if agent == "handle" else args.steps
+            record("env", bench_env(bundle, n, agent, steps, args.seed, env_sampler))
     results["meta"]["wall_s"] = time.perf_counter() - t_start
 
     print(markdown(results))

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -172,18 +173,21 @@ class Bundle:
         is_start = np.asarray(starts["is_episode_start"], dtype=bool)
         if episode_starts and is_start.any():
             pick = np.flatnonzero(is_start)[rng.integers(0, int(is_start.sum()), size=count)]
-        else:
-            pick = rng.choice(len(is_start), size=count, p=self._start_weights())
+        else:  # what rng.choice(p=weights) does, with the cumulative weights computed once
+            pick = self._start_cdf.searchsorted(rng.random(count), side="right")
         return torch.as_tensor(starts["observations"][pick], device=self.device)
 
-    def _start_weights(self) -> np.ndarray:
+    @cached_property
+    def _start_cdf(self) -> np.ndarray:
         is_start = np.asarray(self.start_states["is_episode_start"], dtype=bool)
         stored_starts, stored_rest = int(is_start.sum()), int((~is_start).sum())
         episodes, rows = self.meta.get("dataset_episodes"), self.meta.get("dataset_transitions")
-        if not (stored_starts and stored_rest and episodes and rows and rows > episodes):
-            return np.full(len(is_start), 1.0 / len(is_start))  # nothing to correct for
-        weights = np.where(is_start, episodes / stored_starts, (rows - episodes) / stored_rest)
-        return weights / weights.sum()
+        if stored_starts and stored_rest and episodes and rows and rows > episodes:
+            weights = np.where(is_start, episodes / stored_starts, (rows - episodes) / stored_rest)
+        else:  # nothing to correct for
+            weights = np.ones(len(is_start))
+        cdf = (weights / weights.sum()).cumsum()
+        return cdf / cdf[-1]
 
     def to(self, device: str | torch.device) -> "Bundle":
         self.device = torch.device(device)

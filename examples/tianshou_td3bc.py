@@ -15,7 +15,9 @@ How it fits together:
   concatenated batch. Tianshou's `OfflineTrainer` samples a single buffer (and never calls `training_fn`),
   hence this small loop around `TD3BC._update_with_batch`.
 Episodes in the model are one plan long (`plans="always"`, `max_episode_steps` = the plan horizon, from any
-dataset state): the short, branched rollouts of model-based offline RL rather than 1000-step episodes.
+dataset state): the short, branched rollouts of model-based offline RL rather than 1000-step episodes. With
+`--exploration-noise STD` the collector explores (Tianshou's Gaussian noise) and the env serves it from its
+single-step model instead (`plans="auto"`): no diffusion run, at simulator speed.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--alpha", type=float, default=2.5, help="TD3+BC's Q weight")
     p.add_argument("--horizon", type=int, default=None, help="plan length (default: the bundle's)")
+    p.add_argument("--exploration-noise", type=float, default=0.0,
+                   help="std of Gaussian exploration noise while collecting (0: act as the policy handle, so the env "
+                        "serves DyDiff plans; > 0: the collector explores and the env serves its single-step model)")
     p.add_argument("--pool-size", type=int, default=32,
                    help="kept plans per pool generation (about what one collection uses; each costs diffusion time)")
     return p
@@ -76,6 +81,7 @@ def build_algorithm(data, action_space, args):
     from tianshou.algorithm import TD3BC
     from tianshou.algorithm.modelfree.ddpg import ContinuousDeterministicPolicy
     from tianshou.algorithm.optim import AdamOptimizerFactory
+    from tianshou.exploration import GaussianNoise
     from tianshou.utils.net.common import ModuleWithVectorOutput, Net
     from tianshou.utils.net.continuous import ContinuousActorDeterministic, ContinuousCritic
 
@@ -91,7 +97,9 @@ def build_algorithm(data, action_space, args):
         return ModuleWithVectorOutput.from_module(wrapped, net.get_output_dim())
 
     actor = ContinuousActorDeterministic(preprocess_net=preprocess(False), action_shape=act_dim, max_action=1.0)
-    policy = ContinuousDeterministicPolicy(actor=actor, action_space=action_space, exploration_noise=None)
+    noise = getattr(args, "exploration_noise", 0.0)
+    policy = ContinuousDeterministicPolicy(actor=actor, action_space=action_space,
+                                           exploration_noise=GaussianNoise(sigma=noise) if noise > 0 else None)
     algorithm = TD3BC(policy=policy, policy_optim=AdamOptimizerFactory(lr=3e-4),
                       critic=ContinuousCritic(preprocess_net=preprocess(True)),
                       critic_optim=AdamOptimizerFactory(lr=3e-4),
@@ -118,7 +126,8 @@ def make_model_env(args, task: str):
     bundle = resolve_bundle(args.bundle, task, args.device)
     horizon = args.horizon or 3 * bundle.diffusion.horizon // 4  # the env's default plan length
     env = make_tianshou_vec_env(args.num_envs, bundle=bundle, task=task, horizon=horizon,
-                                num_iterations=args.iterations, plans="always", max_episode_steps=horizon,
+                                num_iterations=args.iterations, max_episode_steps=horizon,
+                                plans="always" if args.exploration_noise == 0 else "auto",
                                 start_states="any", pool_size=args.pool_size, device=args.device)
     if args.sampler_steps:
         env.venv.sampler = replace(env.venv.sampler, num_steps=args.sampler_steps)
@@ -130,9 +139,11 @@ def collect_model_data(algorithm, collector, env, n_step: int) -> dict:
     """Refresh the env's policy handle with the current actor, then collect `n_step` model transitions."""
     start = time.monotonic()
     env.set_policy(algorithm)
+    before = dict(env.venv.stats)
     stats = collector.collect(n_step=n_step, reset_before_collect=True)
+    served = {k: env.venv.stats[k] - before[k] for k in ("plan_steps", "model_steps")}
     return {"n_step": int(stats.n_collected_steps), "episodes": int(stats.n_collected_episodes),
-            "seconds": round(time.monotonic() - start, 1)}
+            "seconds": round(time.monotonic() - start, 1), **served}
 
 
 def _sample(algorithm, buffer, size: int):
@@ -176,7 +187,7 @@ def train(algorithm, real_buffer, model_env, args) -> dict:
     collections = []
     if model_env is not None:
         model_buffer = VectorReplayBuffer(args.model_buffer, args.num_envs)
-        collector = Collector(algorithm, model_env, model_buffer, exploration_noise=False)
+        collector = Collector(algorithm, model_env, model_buffer, exploration_noise=args.exploration_noise > 0)
     last = None
     start = time.monotonic()
     with training_step(algorithm):
@@ -219,7 +230,11 @@ def main(argv=None) -> dict:
                "score_label": result.label, "eval": result.as_dict()}
     out = args.out or default_run_dir("tianshou_td3bc", args.seed, real_only=model_env is None)
     os.makedirs(out, exist_ok=True)
-    torch.save(algorithm.state_dict(), os.path.join(out, "td3bc.pt"))
+    # the network weights as safetensors, not torch.save: the project writes no pickle
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in algorithm.state_dict().items()
+               if isinstance(v, torch.Tensor)}, os.path.join(out, "td3bc.safetensors"))
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     if model_env is not None:

@@ -29,23 +29,27 @@ def test_throughput_quick(tiny_bundle, tmp_path, capsys):
     assert saved["meta"]["quick"] is True and saved["meta"]["threads"] == 1
     assert [r["num_iterations"] for r in saved["rollout"]] == [2, 2, 0]
     assert saved["rollout"][1]["sampler_steps"] == 10
-    modes = ["on_plan", "noisy_0.1", "off_plan"]
-    assert [(r["num_envs"], r["mode"]) for r in saved["env"]] == [(n, m) for n in (1, 2) for m in modes]
+    agents = ["handle", "noisy_0.1", "sac", "random"]
+    assert [(r["num_envs"], r["agent"]) for r in saved["env"]] == [(n, a) for n in (1, 2) for a in agents]
     assert saved["meta"]["env_sampler_steps"] == 3 and {r["sampler_steps"] for r in saved["env"]} == {3}
-    assert "[throughput] env: num_envs 2 off_plan" in printed
+    assert "[throughput] env: num_envs 2 random" in printed
+    by_agent = {(r["num_envs"], r["agent"]): r for r in saved["env"]}
+    assert by_agent[(2, "handle")]["plan_share"] > 0.5 and by_agent[(2, "random")]["plan_share"] == 0
+    assert by_agent[(2, "random")]["stats"]["rollout_calls"] == 0
     assert [r["num_envs"] for r in saved["real"]] == [1, 2]
     for row in saved["rollout"] + saved["env"] + saved["real"]:
         for key in ("peak_mib", "maxrss_delta_mib"):
             assert row[key] >= 0
     for row in saved["env"] + saved["real"]:
-        assert row["total_per_s"] > 0 and row["steady_per_s"] > 0
+        assert row["total_per_s"] > 0 and row["transitions"] == row["num_envs"] * row["steps"]
     assert results["meta"]["env_id"] == "Hopper-v5"
 
 
 def test_throughput_defaults():
     bench = _load_script()
     args = bench.parse_args([])
-    assert (args.steps, args.batch, args.num_envs, args.threads) == (200, 256, [1, 64, 256], 1)
+    assert (args.steps, args.batch, args.num_envs, args.threads) == (1000, 256, [1, 64, 256], 1)
+    assert args.plan_steps is None  # 5 plan lengths of the bundle
     assert args.out == bench.DEFAULT_OUT and args.out.name == "throughput.json"
     quick = bench.parse_args(["--quick"])
     assert (quick.steps, quick.batch, quick.num_envs) == (5, 8, [1, 4])

@@ -141,7 +141,7 @@ def test_prefill_replay_buffer_stores_every_row_like_add(tiny_dataset):
     from gymnasium.spaces import Box
     from stable_baselines3.common.buffers import ReplayBuffer
 
-    example = load_example("sb3_td3")
+    example = load_example("sb3_sac")
     obs_space = Box(-np.inf, np.inf, (OBS_DIM,), np.float64)
     buffer = ReplayBuffer(len(tiny_dataset) + 30, obs_space, Box(-1, 1, (ACT_DIM,), np.float32), n_envs=3)
     rows = example.prefill_replay_buffer(buffer, tiny_dataset)
@@ -157,13 +157,20 @@ def test_prefill_replay_buffer_stores_every_row_like_add(tiny_dataset):
 
 
 def test_sb3_example_runs(tiny_dataset, tiny_bundle, tmp_path):
-    example = load_example("sb3_td3")
+    example = load_example("sb3_sac")
     summary = example.main(["--steps", "48", "--num-envs", "2", "--bundle", str(tiny_bundle), "--dataset",
                             TINY_DATASET_ID, "--eval-episodes", "1", "--eval-max-steps", "10", "--out",
-                            str(tmp_path), "--refresh-every", "16", "--batch-size", "32", "--pool-size", "4"])
+                            str(tmp_path), "--batch-size", "32", "--pool-size", "4"])
     assert math.isfinite(summary["score"]) and summary["score_label"] == "D4RL-normalised score on Hopper-v5"
-    assert summary["policy_refreshes"] >= 2 and summary["dataset_rows"] == 2 * (len(tiny_dataset) // 2)
-    assert (tmp_path / "summary.json").is_file() and (tmp_path / "td3.zip").is_file()
+    assert summary["algorithm"] == "SB3 SAC" and summary["dataset_rows"] == 2 * (len(tiny_dataset) // 2)
+    # SAC explores: every transition comes from the single-step model, no diffusion run
+    assert summary["env_stats"]["rollout_calls"] == 0 and summary["env_stats"]["model_steps"] == 48
+    assert (tmp_path / "summary.json").is_file() and (tmp_path / "actor.safetensors").is_file()
+    td3 = example.main(["--algo", "td3", "--action-noise", "0", "--steps", "48", "--num-envs", "2", "--bundle",
+                        str(tiny_bundle), "--dataset", TINY_DATASET_ID, "--eval-episodes", "1", "--eval-max-steps",
+                        "10", "--out", str(tmp_path / "td3"), "--handle-every", "16", "--batch-size", "32",
+                        "--pool-size", "4", "--sampler-steps", "2", "--learning-starts", "0"])
+    assert td3["policy_refreshes"] >= 2 and td3["env_stats"]["plan_steps"] > 0  # deterministic: served plans
 
 
 # --------------------------------------------------------------------------------------------------- Tianshou
@@ -245,7 +252,13 @@ def test_tianshou_example_runs(tianshou, tiny_dataset, tiny_bundle, tmp_path):
     assert math.isfinite(summary["score"]) and summary["score_label"] == "D4RL-normalised score on Hopper-v5"
     assert len(summary["collections"]) == 2 and summary["model_rows"] == 32
     assert math.isfinite(summary["critic1_loss"])
-    assert (tmp_path / "summary.json").is_file() and (tmp_path / "td3bc.pt").is_file()
+    assert (tmp_path / "summary.json").is_file() and (tmp_path / "td3bc.safetensors").is_file()
+    assert all(c["model_steps"] == 0 for c in summary["collections"]), "acting as the handle: served plans"
+    noisy = example.main(["--steps", "40", "--num-envs", "2", "--bundle", str(tiny_bundle), "--dataset",
+                          TINY_DATASET_ID, "--eval-episodes", "1", "--eval-max-steps", "10", "--out",
+                          str(tmp_path / "noisy"), "--collect-every", "20", "--collect-steps", "16", "--batch-size",
+                          "32", "--exploration-noise", "0.1"])
+    assert all(c["plan_steps"] == 0 and c["model_steps"] > 0 for c in noisy["collections"]), "exploring: the model"
 
 
 def test_tianshou_real_only_run_has_its_own_default_directory(tianshou, tiny_dataset, tmp_path, monkeypatch):

@@ -273,6 +273,30 @@ def _fit_context(tmp_path):
     return ctx, MetricsLog(tmp_path / "metrics.csv")
 
 
+def test_elite_predictions_use_only_the_elites_and_follow_weight_updates():
+    torch.manual_seed(0)
+    model = DynamicsEnsemble(4, 2, ensemble_size=5, num_elites=3, hidden=(16, 16))
+    model.set_elites(torch.tensor([0.3, 0.1, 0.5, 0.2, 0.4]))  # elites 1, 3, 0
+    obs, act = torch.randn(6, 4), torch.randn(6, 2)
+
+    def selected_from_all_members():
+        mean, logvar = model.forward_normalized(obs, act)
+        return mean[model.elites], logvar[model.elites]
+
+    with torch.no_grad():
+        for expected, got in zip(selected_from_all_members(), model.forward_normalized(obs, act, model.elites)):
+            torch.testing.assert_close(got, expected)
+        before = model.member_predictions(obs, act)[0].clone()
+        model.net.layers[0].weight.add_(0.5)  # a weight update: the gathered copy must not be reused
+        after = model.member_predictions(obs, act)[0]
+        assert not torch.allclose(before, after)
+        torch.testing.assert_close(model.forward_normalized(obs, act, model.elites)[0], selected_from_all_members()[0])
+    mean, _ = model.forward_normalized(obs, act, model.elites)  # with autograd: gradients reach the parameters
+    mean.sum().backward()
+    assert model.net.layers[0].weight.grad is not None and model.net.layers[0].weight.grad[1].abs().sum() > 0
+    assert model.net.layers[0].weight.grad[2].abs().sum() == 0  # member 2 is no elite
+
+
 def test_fit_supervised_restores_best_epoch_weights(tmp_path):
     torch.manual_seed(0)
     model = RewardModel(OBS, ACT, hidden=(8,))

@@ -34,13 +34,16 @@ class DynamicsEnsemble(nn.Module):
         for name, value in (("in_mean", in_mean), ("in_std", in_std), ("delta_mean", delta_mean), ("delta_std", delta_std)):
             getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
 
-    def forward_normalized(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-member mean and log-variance of the z-scored state change: (K, B, obs) each."""
+    def forward_normalized(self, obs: torch.Tensor, act: torch.Tensor,
+                           members: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-member mean and log-variance of the z-scored state change: (K, B, obs) each (K: every member, or
+        only `members`)."""
         x = (torch.cat([obs, act], -1) - self.in_mean) / self.in_std
-        out = self.net(x if x.dim() == 3 else x)
-        mean, logvar = out.split(self.obs_dim, -1)
-        logvar = self.max_logvar - F.softplus(self.max_logvar - logvar)
-        logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
+        mean, logvar = self.net(x, members).split(self.obs_dim, -1)
+        max_logvar = self.max_logvar if members is None else self.max_logvar[members]
+        min_logvar = self.min_logvar if members is None else self.min_logvar[members]
+        logvar = max_logvar - F.softplus(max_logvar - logvar)
+        logvar = min_logvar + F.softplus(logvar - min_logvar)
         return mean, logvar
 
     def loss(self, obs, act, next_obs, weight_decay: tuple[float, ...]) -> torch.Tensor:
@@ -65,8 +68,7 @@ class DynamicsEnsemble(nn.Module):
 
     def member_predictions(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Elite members' predicted next-state means and stds in raw units: (E, B, obs) each."""
-        mean, logvar = self.forward_normalized(obs, act)
-        mean, logvar = mean[self.elites], logvar[self.elites]
+        mean, logvar = self.forward_normalized(obs, act, members=self.elites)  # non-elites are never used
         next_mean = obs + mean * self.delta_std + self.delta_mean
         std = torch.exp(0.5 * logvar) * self.delta_std
         return next_mean, std

@@ -31,12 +31,31 @@ class EnsembleMLP(nn.Module):
         self.activation = activation()
         self.members = members
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        """(K, B, in) or (B, in) -> (K, B, out); with `members`, only those members are evaluated (K = their
+        count), e.g. the elites of a dynamics ensemble at inference."""
+        weights = ([(layer.weight, layer.bias) for layer in self.layers] if members is None
+                   else self._member_weights(members))
         if x.dim() == 2:  # the same batch for every member
-            x = x.unsqueeze(0).expand(self.members, -1, -1)
-        for layer in self.layers[:-1]:
-            x = self.activation(layer(x))
-        return self.layers[-1](x)
+            x = x.unsqueeze(0).expand(weights[0][0].shape[0], -1, -1)
+        for i, (weight, bias) in enumerate(weights):
+            x = torch.baddbmm(bias, x, weight)
+            if i < len(weights) - 1:
+                x = self.activation(x)
+        return x
+
+    def _member_weights(self, members: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The members' weights, gathered into contiguous tensors once and reused while neither the members
+        nor any weight changes (a weight update bumps its version). With autograd on they are gathered anew,
+        so gradients flow to the parameters."""
+        if torch.is_grad_enabled():
+            return [(layer.weight[members], layer.bias[members]) for layer in self.layers]
+        key = (members.tolist(), [(p.data_ptr(), p._version) for p in self.parameters()])
+        if getattr(self, "_gathered_key", None) != key:
+            self._gathered = [(layer.weight[members].contiguous(), layer.bias[members].contiguous())
+                              for layer in self.layers]
+            self._gathered_key = key
+        return self._gathered
 
     def weight_penalty(self, decays: tuple[float, ...]) -> torch.Tensor:
         """Sum over layers of decay * ||W||^2 / 2, with one decay per layer (the reference's MBPO values)."""

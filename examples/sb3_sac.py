@@ -1,23 +1,21 @@
-"""Stable-Baselines3 TD3 on DydiffEnv: the replay buffer starts with the offline dataset, the agent then
-collects DyDiff rollouts from the learned simulator, and the score is measured in the real Hopper-v5.
+"""Stable-Baselines3 SAC (or TD3) on DydiffEnv, as a user runs it: the replay buffer starts with the offline
+dataset, the agent then collects from the learned simulator with its own exploration (SAC: SB3's random
+warm-up, then its stochastic actions), and the score is measured in the real Hopper-v5.
 
-    python examples/sb3_td3.py                       # ~7 min on 2 CPU cores
-    python examples/sb3_td3.py --steps 200000 --num-envs 8
+    python examples/sb3_sac.py                       # 20k env transitions from 8 sub-envs, a few minutes
+    python examples/sb3_sac.py --algo td3 --steps 50000
 
 How it fits together:
 - `SB3VecEnv` (dydiff_env.adapters) presents a SAME_STEP-autoreset DydiffEnv as an SB3 `VecEnv`.
 - SB3 has no offline algorithms, so the replay buffer is pre-filled with every dataset transition before
   `learn`; SB3 samples it uniformly together with what the agent collects in the model.
-- `PolicyHandleCallback` makes the SB3 model the env's policy handle every `--refresh-every` env steps, so
-  new DyDiff plans (episode starts and re-plans) follow the current actor.
+- An exploring agent does not act as a policy handle, so DydiffEnv serves it from its single-step model
+  (Markov, batched, no diffusion run): it runs at simulator speed. `--handle-every N` makes the SB3 model the
+  env's policy handle every N transitions (`env_method("set_policy", model)`), which pays only for an agent
+  that acts deterministically (TD3 with `--action-noise 0`): its episodes are then served DyDiff plans.
 
-Why TD3 and not SAC: DydiffEnv serves its plans exactly while the agent's action equals the plan's, and
-plans are generated with the deterministic actor. TD3 acts with that actor plus small Gaussian noise, so it
-stays close to the plan (few costly re-plans from drift); SAC's high-entropy actions drift off plan far more
-often, and each re-plan is a diffusion sampling run.
-
-This is an integration example with plain TD3 (no behaviour-cloning term), trained briefly: expect a score
-well below examples/tianshou_td3bc.py or examples/train_td3bc.py.
+This is an integration example with plain online algorithms (no behaviour-cloning term or pessimism), trained
+briefly: expect a score well below examples/tianshou_td3bc.py or examples/train_td3bc.py.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-DEFAULT_STEPS = 8_000  # env transitions: 2,000 steps of 4 sub-envs, 2 gradient steps each; about 7 min on 2 CPU cores
+DEFAULT_STEPS = 20_000  # env transitions: 2,500 steps of 8 sub-envs, one gradient step each (SB3's defaults)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,11 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shared_args(p)
+    p.add_argument("--algo", choices=("sac", "td3"), default="sac", help="SB3 algorithm (default sac)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="env transitions collected in the model")
-    p.add_argument("--num-envs", type=int, default=4, help="DydiffEnv sub-environments")
-    p.add_argument("--refresh-every", type=int, default=2_000, help="env transitions between policy-handle refreshes")
-    p.add_argument("--gradient-steps", type=int, default=2, help="gradient steps per vector-env step")
+    p.add_argument("--num-envs", type=int, default=8, help="DydiffEnv sub-environments")
+    p.add_argument("--handle-every", type=int, default=0,
+                   help="env transitions between policy-handle refreshes (0: never set a handle)")
+    p.add_argument("--gradient-steps", type=int, default=1, help="gradient steps per vector-env step (SB3's default)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--learning-starts", type=int, default=100,
+                   help="env transitions of uniform random warm-up before the actor acts (SB3's default 100)")
     p.add_argument("--action-noise", type=float, default=0.1, help="std of TD3's Gaussian exploration noise")
     p.add_argument("--pool-size", type=int, default=32,
                    help="kept plans per pool generation (plans for episode starts; each costs diffusion time)")
@@ -56,6 +58,7 @@ def make_env(args, task: str):
 
     env = make_sb3_vec_env(args.num_envs, bundle=args.bundle, task=task, num_iterations=args.iterations,
                            pool_size=args.pool_size, device=args.device)
+    # when a handle is set, plans are only served to sub-envs whose agent acts as it (plans="auto")
     if args.sampler_steps:
         env.venv.sampler = replace(env.venv.sampler, num_steps=args.sampler_steps)
     env.seed(args.seed)
@@ -113,7 +116,7 @@ def progress_callback(total: int):
 
     class ProgressCallback(BaseCallback):
         def _on_training_start(self) -> None:
-            self.bar = tqdm(total=total, desc="SB3 TD3 on DydiffEnv", unit="transition")
+            self.bar = tqdm(total=total, desc=f"SB3 {type(self.model).__name__} on DydiffEnv", unit="transition")
 
         def _on_step(self) -> bool:
             self.bar.update(min(self.num_timesteps, total) - self.bar.n)
@@ -126,16 +129,26 @@ def progress_callback(total: int):
 
 
 def build_model(env, args, buffer_size: int):
-    from stable_baselines3 import TD3
+    """SB3's defaults but for the buffer size (dataset + collected), batch size and gradient steps."""
+    from stable_baselines3 import SAC, TD3
     from stable_baselines3.common.noise import NormalActionNoise
 
+    common = dict(buffer_size=buffer_size, batch_size=args.batch_size, train_freq=1, learning_starts=args.learning_starts,
+                  gradient_steps=args.gradient_steps, seed=args.seed, device=args.device, verbose=0)
+    if args.algo == "sac":
+        return SAC("MlpPolicy", env, **common)
     act_dim = env.action_space.shape[0]
     noise = None
     if args.action_noise > 0:
         noise = NormalActionNoise(np.zeros(act_dim), args.action_noise * np.ones(act_dim))
-    return TD3("MlpPolicy", env, learning_rate=3e-4, buffer_size=buffer_size, learning_starts=0,
-               batch_size=args.batch_size, train_freq=1, gradient_steps=args.gradient_steps, action_noise=noise,
-               policy_kwargs={"net_arch": [256, 256]}, seed=args.seed, device=args.device, verbose=0)
+    return TD3("MlpPolicy", env, action_noise=noise, **common)
+
+
+def save_actor(model, path: str) -> None:
+    """The trained actor's weights as safetensors (no pickle: SB3's own `save` writes a pickled zip)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.actor.state_dict().items()}, path)
 
 
 def main(argv=None) -> dict:
@@ -154,22 +167,27 @@ def main(argv=None) -> dict:
     # SB3 counts buffer_size in transitions (rows of n_envs each): the dataset plus everything collected
     model = build_model(VecMonitor(env), args, buffer_size=len(data) + args.steps + 2 * args.num_envs)
     rows = prefill_replay_buffer(model.replay_buffer, data)
-    env.set_policy(model)  # the first plans already follow this actor
-    callback = policy_handle_callback(args.refresh_every)
+    callbacks = [progress_callback(args.steps)]
+    handle = None
+    if args.handle_every:
+        env.set_policy(model)
+        handle = policy_handle_callback(args.handle_every)
+        callbacks.append(handle)
     start = time.monotonic()
-    model.learn(total_timesteps=args.steps, callback=[callback, progress_callback(args.steps)])
+    model.learn(total_timesteps=args.steps, callback=callbacks)
     train_seconds = time.monotonic() - start
 
     result = evaluate(lambda obs: model.predict(obs, deterministic=True)[0], env_id, episodes=args.eval_episodes,
                       seed=args.seed + 10_000, max_episode_steps=args.eval_max_steps)
-    summary = {"algorithm": "SB3 TD3", "env_steps": args.steps, "dataset_rows": rows * args.num_envs,
-               "policy_refreshes": callback.refreshes, "env_stats": dict(env.venv.stats),
-               "train_seconds": round(train_seconds, 1),
+    summary = {"algorithm": f"SB3 {args.algo.upper()}", "env_steps": args.steps, "num_envs": args.num_envs,
+               "dataset_rows": rows * args.num_envs, "policy_refreshes": handle.refreshes if handle else 0,
+               "env_stats": dict(env.venv.stats), "train_seconds": round(train_seconds, 1),
+               "env_transitions_per_s": round(args.steps / train_seconds, 1),
                "score": result.normalized_mean, "score_std": result.normalized_std, "return": result.mean,
                "score_label": result.label, "eval": result.as_dict()}
-    out = args.out or default_run_dir("sb3_td3", args.seed)
+    out = args.out or default_run_dir(f"sb3_{args.algo}", args.seed)
     os.makedirs(out, exist_ok=True)
-    model.save(os.path.join(out, "td3"))
+    save_actor(model, os.path.join(out, "actor.safetensors"))
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     env.close()
