@@ -271,7 +271,7 @@ def plot(results: dict, path: Path) -> None:
         next((r["total_per_s"] for r in results["real"] if r["num_envs"] == n), np.nan) for n in sizes]
     x = np.arange(len(sizes))
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     for i, (name, values) in enumerate(series.items()):
         ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name,
                color="0.4" if name.startswith("real") else None)
@@ -287,7 +287,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title(f"DydiffEnv ({m.get('env_sampler_steps', m['sampler_steps'])}-step sampler) vs "
                  f"{m['env_id']}, {m['threads']} thread(s)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

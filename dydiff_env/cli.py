@@ -65,6 +65,7 @@ def cmd_collect(args) -> int:
     from .data import collect_episodes, load_dataset, write_minari_dataset
     from .tasks import get_task
 
+    _set_threads(args.threads)
     if args.actor:
         task = get_task(args.env)
         actors = [("custom", GaussianActor.load(args.actor))]
@@ -176,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true", help="mean actions instead of sampling (D4RL samples)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: one observation at a time gains nothing from more, and "
+                        "two threads slow to a crawl when another job shares a 2-core machine)")
     p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("train", help="train bundle models on a Minari dataset")

@@ -524,6 +524,20 @@ def test_out_of_bound_actions_are_clipped(bundle):
     assert np.array_equal(obs, twin_obs) and np.array_equal(rewards, twin_rewards)
 
 
+def test_any_finite_real_action_is_accepted(bundle):
+    env, twin = DydiffEnv(2, bundle=bundle, **FAST), DydiffEnv(2, bundle=bundle, **FAST)
+    env.reset(seed=0)
+    twin.reset(seed=0)
+    grad = torch.full((2, 3), 0.25, requires_grad=True)  # straight from an actor, grad still attached
+    huge = np.array([[1e300, 0.25, 0.25], [-1e300, 0.25, 0.25]])  # finite float64 beyond float32's range
+    for actions in (grad, huge):
+        obs, rewards, *_, info = env.step(actions)
+        expected = np.clip(actions.detach().numpy() if isinstance(actions, torch.Tensor) else actions, -1, 1)
+        twin_obs, twin_rewards, *_ = twin.step(expected.astype(np.float32))
+        assert np.array_equal(obs, twin_obs) and np.array_equal(rewards, twin_rewards)
+    assert info["clipped_actions"].tolist() == [1, 1]
+
+
 def test_step_before_reset(bundle):
     with pytest.raises(RuntimeError, match="reset"):
         DydiffEnv(1, bundle=bundle, **FAST).step(np.zeros((1, 3)))
