@@ -380,7 +380,32 @@ def evaluate_methods(bundle: Bundle, start_obs: np.ndarray, truth: Trajectories,
     return out
 
 
-def run(args: argparse.Namespace, log=print) -> dict:
+@dataclass
+class Setup:
+    """Everything the model methods are compared against: the bundle, the start states, the learning policy,
+    and per regime the true trajectories and the inputs of the methods (action_fn, step_act, plan_policy)."""
+
+    bundle: Bundle
+    bundle_path: Path
+    data: OfflineData
+    rows: np.ndarray
+    eligible: int
+    start_obs: np.ndarray
+    horizon: int
+    window: int | None
+    sampler: SamplerConfig
+    methods: list[str]
+    policy: TorchPolicy
+    policy_info: dict
+    truths: dict
+    regime_inputs: dict
+    checks: dict
+    out_dir: Path
+
+
+def prepare(args: argparse.Namespace, log=print) -> Setup:
+    """Load the bundle and dataset, pick the start states, build the learning policy and replay every regime's
+    actions in the simulator (see the module docstring)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
@@ -407,6 +432,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     steps = args.sampler_steps or (min(QUICK["sampler_steps"], sampler.num_steps) if quick else None)
     if steps:
         sampler = dataclasses.replace(sampler, num_steps=int(steps))
+    if getattr(args, "sampler_kind", None):
+        sampler = dataclasses.replace(sampler, kind=args.sampler_kind)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -417,7 +444,6 @@ def run(args: argparse.Namespace, log=print) -> dict:
     start_obs = data.observations[rows].astype(np.float32)
     qpos, qvel = data.qpos[rows], data.qvel[rows]
     policy, policy_info = build_policy(args.policy, bundle, data, policy_steps, args.seed, out_dir)
-    std = np.asarray(bundle.normalizer("obs").std, np.float64)
     log(f"[fidelity] bundle {bundle_path}, dataset {args.dataset}: {len(rows)} starts ({eligible} eligible), "
         f"H={horizon}, sampler steps {sampler.num_steps}, policy {args.policy}")
 
@@ -458,26 +484,36 @@ def run(args: argparse.Namespace, log=print) -> dict:
         "random-actions": (RecordedActions(uniform, np.ones(uniform.shape[:2], bool)), lambda t, obs: uniform[:, t],
                            policy),
     }
-    shared: dict = {}
-    results = {
-        "config": {"bundle": str(bundle_path), "dataset": args.dataset, "dataset_hash": data.content_hash,
-                   "bundle_dataset_hash": bundle.meta.get("dataset_hash"), "policy": args.policy,
-                   "policy_info": policy_info, "num_starts": int(len(rows)), "eligible_starts": eligible,
-                   "horizon": horizon, "window": window, "seed": args.seed, "sampler_steps": sampler.num_steps,
-                   "dynamics_mode": args.dynamics_mode, "filter": "none", "methods": methods, "quick": quick,
-                   "threads": torch.get_num_threads(), "obs_std": std.tolist()},
-        "starts": {"rows": rows.tolist()},
-        "checks": {"replay_max_abs_diff": replay_diff, "start_obs_max_abs_diff": start_diff},
-        "regimes": {},
-    }
+    checks = {"replay_max_abs_diff": replay_diff, "start_obs_max_abs_diff": start_diff}
     if replay_diff > 1e-4 or start_diff > 1e-4:
         warnings.warn(f"the simulator replay differs from the dataset (max abs diff {max(replay_diff, start_diff):.2g})")
+    return Setup(bundle, bundle_path, data, rows, eligible, start_obs, horizon, window, sampler, methods, policy,
+                 policy_info, truths, regime_inputs, checks, out_dir)
+
+
+def run(args: argparse.Namespace, log=print) -> dict:
+    setup = prepare(args, log)
+    bundle, data, rows, horizon, sampler = setup.bundle, setup.data, setup.rows, setup.horizon, setup.sampler
+    std = np.asarray(bundle.normalizer("obs").std, np.float64)
+    shared: dict = {}
+    results = {
+        "config": {"bundle": str(setup.bundle_path), "dataset": args.dataset, "dataset_hash": data.content_hash,
+                   "bundle_dataset_hash": bundle.meta.get("dataset_hash"), "policy": args.policy,
+                   "policy_info": setup.policy_info, "num_starts": int(len(rows)), "eligible_starts": setup.eligible,
+                   "horizon": horizon, "window": setup.window, "seed": args.seed, "sampler_steps": sampler.num_steps,
+                   "sampler_kind": sampler.kind, "dynamics_mode": args.dynamics_mode, "filter": "none",
+                   "methods": setup.methods, "quick": args.quick, "threads": torch.get_num_threads(),
+                   "obs_std": std.tolist()},
+        "starts": {"rows": rows.tolist()},
+        "checks": setup.checks,
+        "regimes": {},
+    }
     for regime in REGIMES:
-        truth = truths[regime]
-        action_fn, step_act, plan_policy = regime_inputs[regime]
-        regime_methods = [m for m in methods if regime in REGIMES[:2] or m != "behaviour-prior"]
-        per_method = evaluate_methods(bundle, start_obs, truth, regime, regime_methods, action_fn, step_act, plan_policy,
-                                      horizon, sampler, args.seed, args.dynamics_mode, shared, log)
+        truth = setup.truths[regime]
+        action_fn, step_act, plan_policy = setup.regime_inputs[regime]
+        regime_methods = [m for m in setup.methods if regime in REGIMES[:2] or m != "behaviour-prior"]
+        per_method = evaluate_methods(bundle, setup.start_obs, truth, regime, regime_methods, action_fn, step_act,
+                                      plan_policy, horizon, sampler, args.seed, args.dynamics_mode, shared, log)
         curves = {m: {k: np.asarray(v, np.float64) for k, v in r["state_error"].items()} for m, r in per_method.items()}
         crossover = {m: crossover_horizon(curves[m], curves["ensemble"]) for m in per_method
                      if m.startswith("dydiff-") and "ensemble" in curves}
@@ -488,6 +524,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             "methods": per_method, "crossover": crossover,
         }
     results["headline"] = headline(results)
+    out_dir = setup.out_dir
     json_path, png_path, md_path = out_dir / "fidelity.json", out_dir / "fidelity.png", out_dir / "fidelity.md"
     json_path.write_text(json.dumps(json_safe(results), indent=1))
     plot(results, png_path)
@@ -601,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--sampler-steps", type=int, default=None,
                    help=f"EDM sampler steps (default: the bundle's; --quick {QUICK['sampler_steps']})")
+    p.add_argument("--sampler-kind", default=None, choices=("heun", "dpmpp_2m", "euler"),
+                   help="diffusion sampler (default: the bundle's; see dydiff_env.SamplerConfig)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (default all)")
     p.add_argument("--dynamics-mode", default="elite_mean", choices=("elite_mean", "mean", "sample"),
                    help="single-step ensemble prediction mode (default elite_mean, as dydiff_rollout)")

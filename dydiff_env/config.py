@@ -28,11 +28,22 @@ class DiffusionConfig:
     eval_every: int = 2_000
 
 
+SAMPLER_KINDS = ("heun", "dpmpp_2m", "euler")
+
+
 @dataclass
 class SamplerConfig:
-    """EDM stochastic Heun sampler (Karras et al. 2022, Algorithm 2)."""
+    """The diffusion sampler, on EDM's Karras noise levels (sigma_max -> sigma_min, rho spacing, then 0).
+
+    kind: "heun" - EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2), the reference's, 2N - 1
+        denoiser calls for N steps; with s_churn=0 it is the deterministic Heun sampler (Algorithm 1).
+        "dpmpp_2m" - DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095), a deterministic second-order multistep
+        solver of the data-prediction ODE, N calls. "euler" - the deterministic Euler ODE step, N calls (DIAMOND's
+        world model samples with 3). The churn settings (s_*) apply to "heun" only.
+    """
 
     num_steps: int = 34
+    kind: str = "heun"
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
@@ -40,6 +51,17 @@ class SamplerConfig:
     s_min: float = 0.37
     s_max: float = 52.24
     s_noise: float = 1.002
+
+    def __post_init__(self):
+        if self.kind not in SAMPLER_KINDS:
+            raise ValueError(f"sampler kind must be one of {list(SAMPLER_KINDS)}, got {self.kind!r}")
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"sampler num_steps must be a positive integer, got {self.num_steps!r}")
+
+    @property
+    def calls_per_sample(self) -> int:
+        """Denoiser calls per sample (per DyDiff iteration)."""
+        return 2 * self.num_steps - 1 if self.kind == "heun" else self.num_steps
 
 
 @dataclass

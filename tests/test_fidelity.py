@@ -253,3 +253,23 @@ def test_quick_run_writes_json_and_png(tiny_bundle, tiny_dataset, tmp_path, caps
     assert tf["return_error"]["pred_mean"] == pd["return_error"]["pred_mean"]
     printed = capsys.readouterr().out
     assert "| method |" in printed and "Headline (teacher-forced)" in printed
+
+
+def test_sampler_benchmark_quick_run(tiny_bundle, tiny_dataset, tmp_path):
+    from benchmarks import samplers
+
+    out = tmp_path / "samplers"
+    results = samplers.main(["--bundle", str(tiny_bundle), "--dataset", TINY_DATASET_ID, "--policy", "bc", "-n", "4",
+                             "--horizon", "5", "--grid", "heun:2:0,dpmpp_2m:2,euler:2", "--batch", "4", "--quick",
+                             "--out", str(out)])
+    assert [(r["label"], r["iterations"]) for r in results["rows"]] == [
+        ("single-step ensemble", 0), ("heun 2 deterministic", 1), ("heun 2 deterministic", 2), ("dpmpp_2m 2", 1),
+        ("dpmpp_2m 2", 2), ("euler 2", 1), ("euler 2", 2)]
+    assert [r["calls"] for r in results["rows"]] == [0, 3, 3, 2, 2, 2, 2]
+    for row in results["rows"]:
+        assert row["generated_per_s"] > 0
+        for regime in ("teacher-forced", "policy-driven"):
+            errors = list(row["fidelity"][regime]["state_error"].values())
+            assert len(errors) >= 3 and all(e is not None and e >= 0 for e in errors)
+    assert results["meta"]["real_per_s"] > 0
+    assert (out / "samplers.png").stat().st_size > 1000 and "| sampler |" in (out / "samplers.md").read_text()

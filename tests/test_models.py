@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -68,39 +70,86 @@ def _cond_batch(batch: int = 3, seed: int = 0):
     return torch.rand(batch, H, OBS + ACT, generator=g) * 2 - 1
 
 
-def test_edm_sample_keeps_conditions_bit_exact():
+SAMPLERS = [SamplerConfig(num_steps=5), SamplerConfig(num_steps=5, s_churn=0.0),
+            SamplerConfig(num_steps=5, kind="dpmpp_2m"), SamplerConfig(num_steps=5, kind="euler")]
+SAMPLER_IDS = ["heun", "heun-deterministic", "dpmpp_2m", "euler"]
+
+
+@pytest.mark.parametrize("cfg", SAMPLERS, ids=SAMPLER_IDS)
+def test_edm_sample_keeps_conditions_bit_exact(cfg):
     model = small_diffusion()
     cond_values = _cond_batch()
     mask = model.condition_mask()
-    out = edm_sample(model.denoise, cond_values, mask, SamplerConfig(num_steps=5), torch.Generator().manual_seed(0))
+    out = edm_sample(model.denoise, cond_values, mask, cfg, torch.Generator().manual_seed(0))
     assert out.shape == cond_values.shape and torch.isfinite(out).all()
     assert torch.equal(out[:, mask], cond_values[:, mask])
     assert not torch.equal(out[:, ~mask], cond_values[:, ~mask])
     # a per-sample mask (B, H, D) works too
     batch_mask = mask.expand(3, -1, -1).clone()
     batch_mask[1, 1:3, :OBS] = True
-    out = edm_sample(model.denoise, cond_values, batch_mask, SamplerConfig(num_steps=5), torch.Generator().manual_seed(0))
+    out = edm_sample(model.denoise, cond_values, batch_mask, cfg, torch.Generator().manual_seed(0))
     assert torch.equal(out[batch_mask], cond_values[batch_mask])
 
 
-def test_edm_sample_reproducible_with_generator_seed():
+@pytest.mark.parametrize("cfg", SAMPLERS, ids=SAMPLER_IDS)
+def test_edm_sample_reproducible_with_generator_seed(cfg):
     model = small_diffusion()
-    cond_values, mask, cfg = _cond_batch(), model.condition_mask(), SamplerConfig(num_steps=5)
+    cond_values, mask = _cond_batch(), model.condition_mask()
     a = edm_sample(model.denoise, cond_values, mask, cfg, torch.Generator().manual_seed(11))
     b = edm_sample(model.denoise, cond_values, mask, cfg, torch.Generator().manual_seed(11))
     c = edm_sample(model.denoise, cond_values, mask, cfg, torch.Generator().manual_seed(12))
     assert torch.equal(a, b)
-    assert not torch.allclose(a[:, ~mask], c[:, ~mask])
+    assert not torch.allclose(a[:, ~mask], c[:, ~mask])  # the initial noise differs (and churn, for heun)
     assert torch.equal(a[:, mask], c[:, mask])
 
 
-def test_edm_sample_with_exact_denoiser_returns_data_point():
+@pytest.mark.parametrize("cfg", SAMPLERS, ids=SAMPLER_IDS)
+def test_edm_sample_with_exact_denoiser_returns_data_point(cfg):
     """For data concentrated on one point c the ideal denoiser is D(x, sigma) = c; the sampler must land on c."""
     cond_values, mask = _cond_batch(), small_diffusion().condition_mask()
-    out = edm_sample(lambda x, sigma: torch.full_like(x, 0.3), cond_values, mask, SamplerConfig(num_steps=8),
-                     torch.Generator().manual_seed(0))
+    calls = []
+
+    def exact(x, sigma):
+        calls.append(float(sigma))
+        return torch.full_like(x, 0.3)
+
+    out = edm_sample(exact, cond_values, mask, cfg, torch.Generator().manual_seed(0))
     torch.testing.assert_close(out[:, ~mask], torch.full_like(out[:, ~mask], 0.3), atol=1e-5, rtol=0)
     assert torch.equal(out[:, mask], cond_values[:, mask])
+    assert len(calls) == cfg.calls_per_sample
+
+
+def test_multistep_solver_is_second_order():
+    """On Gaussian data the denoiser and the ODE's end point are known in closed form: doubling the steps
+    divides DPM-Solver++(2M)'s error by about 4 (second order) and Euler's by about 2 (first order)."""
+    data_std = 0.5
+    cond_values = torch.zeros(2, 4, 3, dtype=torch.float64)
+    mask = torch.zeros(4, 3, dtype=torch.bool)
+
+    def gaussian_denoiser(x, sigma):  # E[x0 | x] for x0 ~ N(0, data_std^2)
+        return x * data_std ** 2 / (data_std ** 2 + sigma ** 2)
+
+    def error(kind, steps):
+        cfg = SamplerConfig(num_steps=steps, kind=kind, sigma_max=10.0)
+        start = torch.randn(cond_values.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        start = start * cfg.sigma_max  # the sampler's own first draw
+        sigma_min = float(edm_sigma_steps(cfg)[-2])
+        # the ODE's exact solution from sigma_max to sigma_min, then the final step to the data prediction
+        at_min = start * math.sqrt((data_std ** 2 + sigma_min ** 2) / (data_std ** 2 + cfg.sigma_max ** 2))
+        got = edm_sample(gaussian_denoiser, cond_values, mask, cfg, torch.Generator().manual_seed(0))
+        return (got - gaussian_denoiser(at_min, sigma_min)).abs().max().item()
+
+    assert error("dpmpp_2m", 16) / error("dpmpp_2m", 32) > 3.5
+    assert 1.7 < error("euler", 16) / error("euler", 32) < 2.3
+    assert error("dpmpp_2m", 32) < 0.2 * error("euler", 32)
+
+
+def test_sampler_config_rejects_unknown_kinds():
+    with pytest.raises(ValueError, match="kind"):
+        SamplerConfig(kind="ddim")
+    with pytest.raises(ValueError, match="num_steps"):
+        SamplerConfig(num_steps=0)
+    assert SamplerConfig().calls_per_sample == 67 and SamplerConfig(kind="dpmpp_2m", num_steps=10).calls_per_sample == 10
 
 
 # ----------------------------------------------------------------------------------------------- diffusion loss

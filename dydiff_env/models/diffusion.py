@@ -170,11 +170,12 @@ def edm_sigma_steps(config: SamplerConfig, device=None) -> torch.Tensor:
 @torch.no_grad()
 def edm_sample(denoise, cond_values: torch.Tensor, cond_mask: torch.Tensor, config: SamplerConfig = SamplerConfig(),
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """EDM stochastic Heun sampler (Algorithm 2) with inpainting.
+    """Sample with inpainting: `config.kind` picks the solver (see `SamplerConfig`).
 
     denoise(x, sigma) -> x0 estimate; cond_values (B, H, D) holds the given entries (others ignored),
-    cond_mask (H, D) or (B, H, D) marks them. Returns (B, H, D) whose conditioned entries equal cond_values
-    exactly. Noise comes from `generator` (on the CPU, so results do not depend on the device).
+    cond_mask (H, D) or (B, H, D) marks them. Every solver keeps the conditioned entries clean, as training
+    does, and re-imposes them after every update, so they come out equal to cond_values exactly. Noise comes
+    from `generator` (on the CPU, so results do not depend on the device).
     """
     device, dtype = cond_values.device, cond_values.dtype
 
@@ -184,21 +185,52 @@ def edm_sample(denoise, cond_values: torch.Tensor, cond_mask: torch.Tensor, conf
     def impose(x):
         return torch.where(cond_mask, cond_values, x)
 
-    sigmas = edm_sigma_steps(config, device)
+    def denoised(x, sigma: float):
+        return denoise(x, torch.tensor(sigma, dtype=dtype, device=device))
+
+    sigmas = [float(s) for s in edm_sigma_steps(config, device)]
+    x = impose(randn() * sigmas[0])
+    if config.kind == "dpmpp_2m":
+        return _dpmpp_2m(x, sigmas, denoised, impose)
+    if config.kind == "euler":
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            x = impose(x + (sigma_next - sigma) * (x - denoised(x, sigma)) / sigma)
+        return x
+    return _stochastic_heun(x, sigmas, denoised, impose, randn, config)
+
+
+def _stochastic_heun(x, sigmas, denoised, impose, randn, config: SamplerConfig) -> torch.Tensor:
+    """EDM Algorithm 2: churn (raise the noise level of the free entries), Euler step, Heun correction."""
     gamma_max = min(config.s_churn / config.num_steps, math.sqrt(2.0) - 1.0)
-    x = impose(randn() * sigmas[0].to(dtype))
     for i in range(config.num_steps):
-        sigma_cur, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma_cur, sigma_next = sigmas[i], sigmas[i + 1]
         gamma = gamma_max if config.s_min <= sigma_cur <= config.s_max else 0.0
         sigma_hat = sigma_cur + gamma * sigma_cur
         if gamma > 0:  # churn: raise the noise level of the free entries only
             x = impose(x + math.sqrt(sigma_hat ** 2 - sigma_cur ** 2) * config.s_noise * randn())
-        sigma_hat_t = torch.tensor(sigma_hat, dtype=dtype, device=device)
-        slope = (x - denoise(x, sigma_hat_t)) / sigma_hat
+        slope = (x - denoised(x, sigma_hat)) / sigma_hat
         x_next = impose(x + (sigma_next - sigma_hat) * slope)
         if i < config.num_steps - 1:  # Heun correction (skipped on the final step to sigma = 0)
-            sigma_next_t = torch.tensor(sigma_next, dtype=dtype, device=device)
-            slope_next = (x_next - denoise(x_next, sigma_next_t)) / sigma_next
+            slope_next = (x_next - denoised(x_next, sigma_next)) / sigma_next
             x_next = impose(x + (sigma_next - sigma_hat) * 0.5 * (slope + slope_next))
         x = x_next
+    return x
+
+
+def _dpmpp_2m(x, sigmas, denoised, impose) -> torch.Tensor:
+    """DPM-Solver++(2M) in EDM's parameterisation (x = data + sigma * noise, log-SNR time t = -log sigma):
+    each step moves x exactly along the linear part of the ODE and integrates the data prediction with a
+    second-order multistep correction from the previous step's prediction."""
+    previous = None  # (data prediction, its step size in t)
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        x0 = denoised(x, sigma)
+        if sigma_next == 0:  # the last step lands on the data prediction
+            return impose(x0)
+        h = math.log(sigma) - math.log(sigma_next)
+        estimate = x0
+        if previous is not None:
+            ratio = previous[1] / h
+            estimate = (1 + 1 / (2 * ratio)) * x0 - (1 / (2 * ratio)) * previous[0]
+        x = impose((sigma_next / sigma) * x - math.expm1(-h) * estimate)
+        previous = (x0, h)
     return x

@@ -1,0 +1,226 @@
+"""Samplers: speed against fidelity, in one run, next to the real simulator and the single-step ensemble.
+
+    python -m benchmarks.samplers --threads 1                 # about 10 min on one core
+    python -m benchmarks.samplers --quick                     # a smoke run
+
+For every sampler of `--grid` (kind:steps[:churn], e.g. heun:34 is the reference stochastic Heun sampler,
+heun:10:0 the deterministic Heun sampler with 10 steps, dpmpp_2m:5 DPM-Solver++(2M) with 5 steps):
+- speed: `dydiff_rollout` of `--batch` dataset starts x 3/4 of the window with the bundle's BC policy, M = 1
+  and M = 2, generated transitions per second on `--threads` torch threads;
+- fidelity: the fidelity benchmark's teacher-forced and policy-driven regimes (`benchmarks/fidelity.py`,
+  same start states, same learning policy, one simulator replay shared by every sampler), state error at
+  h = 1, H/4, H/2, 3H/4, H and the H-step return error, for M = 1 and M = 2.
+The single-step ensemble (M = 0) is measured the same way, and the real env (`SyncVectorEnv` of 64 envs,
+random actions) gives the simulator's rate in the same run. Writes `samplers.json`, `samplers.md` and
+`samplers.png` (policy-driven state error at H and return error against generated transitions/s: the
+speed/accuracy frontier) to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # `python benchmarks/samplers.py`: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agents.trainer import json_safe  # noqa: E402
+from benchmarks import fidelity  # noqa: E402
+from dydiff_env.config import SamplerConfig  # noqa: E402
+
+DEFAULT_GRID = "heun:34,heun:10,heun:10:0,heun:5:0,dpmpp_2m:20,dpmpp_2m:10,dpmpp_2m:5,dpmpp_2m:3,euler:10,euler:3"
+DEFAULT_OUT = Path("benchmarks/results/samplers")
+REGIMES = ("teacher-forced", "policy-driven")
+
+
+def parse_grid(text: str, base: SamplerConfig) -> list[SamplerConfig]:
+    """'kind:steps[:churn],...' -> sampler configs (the bundle's sigma schedule otherwise)."""
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        parts = item.split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"grid entry '{item}' is not kind:steps or kind:steps:churn")
+        sampler = dataclasses.replace(base, kind=parts[0], num_steps=int(parts[1]))
+        if len(parts) == 3:
+            sampler = dataclasses.replace(sampler, s_churn=float(parts[2]))
+        out.append(sampler)
+    return out
+
+
+def label(sampler: SamplerConfig) -> str:
+    if sampler.kind != "heun":
+        return f"{sampler.kind} {sampler.num_steps}"
+    return f"heun {sampler.num_steps}" + (" deterministic" if sampler.s_churn == 0 else "")
+
+
+def rollout_speed(bundle, sampler: SamplerConfig, iterations: int, batch: int, seed: int) -> float:
+    """Generated transitions per second of one `dydiff_rollout` (the throughput benchmark's measurement)."""
+    from dydiff_env import behaviour_policy, dydiff_rollout
+
+    starts = bundle.start_states["observations"]
+    s0 = torch.as_tensor(starts[np.random.default_rng(seed).integers(0, len(starts), size=batch)])
+    generator = torch.Generator().manual_seed(seed)
+    horizon = max(1, 3 * bundle.diffusion.horizon // 4)
+    begin = time.perf_counter()
+    dydiff_rollout(bundle, s0, behaviour_policy(bundle, generator), horizon=horizon, num_iterations=iterations,
+                   sampler=sampler, generator=generator)
+    return batch * horizon / (time.perf_counter() - begin)
+
+
+def real_speed(env_id: str, num_envs: int = 64, steps: int = 200, seed: int = 0) -> float:
+    import gymnasium as gym
+
+    env = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(num_envs)])
+    env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    begin = time.perf_counter()
+    for _ in range(steps):
+        env.step(rng.uniform(-1, 1, (num_envs, env.single_action_space.shape[0])))
+    env.close()
+    return num_envs * steps / (time.perf_counter() - begin)
+
+
+def fidelity_row(setup, sampler: SamplerConfig, iterations: int, seed: int, log) -> dict:
+    """State error at 5 horizons and return error in both regimes, for one sampler and M."""
+    method = "ensemble" if iterations == 0 else f"dydiff-M{iterations}"
+    std = np.asarray(setup.bundle.normalizer("obs").std, np.float64)
+    cols = sorted({1, max(1, setup.horizon // 4), max(1, setup.horizon // 2), max(1, 3 * setup.horizon // 4),
+                   setup.horizon})
+    row = {}
+    for regime in REGIMES:
+        action_fn, step_act, plan_policy = setup.regime_inputs[regime]
+        result = fidelity.evaluate_methods(setup.bundle, setup.start_obs, setup.truths[regime], regime, [method],
+                                           action_fn, step_act, plan_policy, setup.horizon, sampler, seed,
+                                           "elite_mean", {}, log)[method]
+        mean = result["state_error"]["mean"]
+        row[regime] = {"state_error": {h: mean[h - 1] for h in cols},
+                       "state_error_ci_at_H": [result["state_error"]["low"][-1], result["state_error"]["high"][-1]],
+                       "return_error": result["return_error"]["abs_mean"]}
+    return row
+
+
+def markdown(results: dict) -> str:
+    m = results["meta"]
+    lines = [f"Samplers on `{m['bundle']}` ({m['threads']} torch thread(s)); the real env ran at "
+             f"{m['real_per_s']:,.0f} transitions/s (SyncVectorEnv, 64 envs) in this run. Fidelity: "
+             f"{m['num_starts']} starts, H = {m['horizon']}, learning policy {m['policy']}; state error = "
+             "mean |model - true| / dataset std.", "",
+             "| sampler | calls/iter | M | generated/s | x real | teacher-forced err h=1 / H | policy-driven err h=1 / "
+             "H/4 / H/2 / 3H/4 / H | return err (policy-driven) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        tf, pd = r["fidelity"]["teacher-forced"], r["fidelity"]["policy-driven"]
+        tf_e, pd_e = list(tf["state_error"].values()), list(pd["state_error"].values())
+        lines.append(f"| {r['label']} | {r['calls'] or '-'} | {r['iterations']} | {r['generated_per_s']:,.0f} | "
+                     f"{r['generated_per_s'] / m['real_per_s']:.3g} | {tf_e[0]:.3f} / {tf_e[-1]:.3f} | "
+                     + " / ".join(f"{e:.3f}" for e in pd_e) + f" | {pd['return_error']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Policy-driven error at H and return error against generated transitions/s: one colour per sampler kind,
+    one marker per M, each point labelled with its step count; the ensemble is the black square."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"heun": "tab:blue", "heun deterministic": "tab:cyan", "dpmpp_2m": "tab:red", "euler": "tab:green"}
+    markers = {1: "o", 2: "^"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, name in ((axes[0], "state_error", "policy-driven state error at H"),
+                          (axes[1], "return_error", "policy-driven H-step return error")):
+        for r in results["rows"]:
+            pd = r["fidelity"]["policy-driven"]
+            y = list(pd["state_error"].values())[-1] if key == "state_error" else pd["return_error"]
+            if r["iterations"] == 0:
+                ax.scatter(r["generated_per_s"], y, marker="s", s=50, color="black", label="single-step ensemble")
+                continue
+            family = "heun deterministic" if r["kind"] == "heun" and r["s_churn"] == 0 else r["kind"]
+            ax.scatter(r["generated_per_s"], y, marker=markers[r["iterations"]], s=40, color=colours[family],
+                       label=f"{family}, M={r['iterations']}")
+            ax.annotate(str(r["num_steps"]), (r["generated_per_s"], y), fontsize=7, xytext=(3, 2),
+                        textcoords="offset points", color=colours[family])
+        ax.axvline(results["meta"]["real_per_s"], ls="--", color="0.5", lw=0.8, label="real Hopper-v5 (64 envs)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("generated transitions / s (1 thread)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes[1].legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("Speed/accuracy frontier of the samplers (labels: sampler steps; lower right is better)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.samplers", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", default=None, help="bundle directory (default: the shipped hopper bundle)")
+    p.add_argument("--dataset", default=fidelity.DEFAULT_DATASET_ID, help="Minari dataset with recorded qpos/qvel")
+    p.add_argument("--policy", default="td3bc", help="learning policy of the policy-driven regime (as fidelity.py)")
+    p.add_argument("--policy-steps", type=int, default=None, help="TD3+BC updates (as fidelity.py)")
+    p.add_argument("-n", "--num-starts", type=int, default=96, help="fidelity start states (default 96)")
+    p.add_argument("--horizon", type=int, default=None, help="fidelity horizon H (default: window - 1)")
+    p.add_argument("--batch", type=int, default=256, help="rollout batch for the speed measurement (default 256)")
+    p.add_argument("--grid", default=DEFAULT_GRID, help=f"samplers, kind:steps[:churn] (default {DEFAULT_GRID})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--quick", action="store_true", help="few starts, short H, small batch, two samplers")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.num_starts, args.batch = min(args.num_starts, 8), min(args.batch, 8)
+        args.horizon = args.horizon or 8
+        args.grid = args.grid if args.grid != DEFAULT_GRID else "heun:3,dpmpp_2m:2"
+    fidelity_args = argparse.Namespace(
+        bundle=args.bundle, dataset=args.dataset, policy=args.policy, policy_steps=args.policy_steps,
+        num_starts=args.num_starts, horizon=args.horizon, seed=args.seed, threads=args.threads, sampler_steps=None,
+        sampler_kind=None, methods="ensemble,dydiff-M1,dydiff-M2", dynamics_mode="elite_mean",
+        out=args.out, quick=args.quick)
+    setup = fidelity.prepare(fidelity_args, log=print)
+    samplers = parse_grid(args.grid, setup.bundle.config.sampler)
+    out = Path(args.out)
+    results = {"meta": {"bundle": str(setup.bundle_path), "threads": args.threads, "batch": args.batch,
+                        "num_starts": int(len(setup.rows)), "horizon": setup.horizon, "policy": args.policy,
+                        "real_per_s": real_speed(setup.bundle.task.env_id, steps=20 if args.quick else 200)},
+               "rows": []}
+    configs = [(None, 0)] + [(s, m) for s in samplers for m in (1, 2)]
+    for sampler, iterations in configs:
+        used = sampler or setup.bundle.config.sampler
+        row = {"label": "single-step ensemble" if sampler is None else label(sampler), "iterations": iterations,
+               "kind": used.kind, "num_steps": used.num_steps, "s_churn": used.s_churn,
+               "calls": 0 if sampler is None else used.calls_per_sample,
+               "generated_per_s": rollout_speed(setup.bundle, used, iterations, args.batch, args.seed),
+               "fidelity": fidelity_row(setup, used, iterations, args.seed, log=lambda *a: None)}
+        results["rows"].append(row)
+        pd = row["fidelity"]["policy-driven"]
+        print(f"[samplers] {row['label']:24s} M={iterations}: {row['generated_per_s']:8,.0f}/s, policy-driven error "
+              f"at H {list(pd['state_error'].values())[-1]:.3f}, return error {pd['return_error']:.2f}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "samplers.json").write_text(json.dumps(json_safe(results), indent=1))
+    table = markdown(results)
+    (out / "samplers.md").write_text(table + "\n")
+    plot(results, out / "samplers.png")
+    print(table)
+    print(f"[samplers] wrote {out / 'samplers.json'}, samplers.md and samplers.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()
