@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -69,13 +70,16 @@ class GaussianActor(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"behaviour actor {path} not found; train one with `dydiff-env behaviour train`")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
         try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
             actor = cls(int(meta["obs_dim"]), int(meta["act_dim"]), tuple(json.loads(meta["hidden"])))
+            actor.load_state_dict(load_file(str(path)))
         except KeyError as err:
             raise ValueError(f"{path} is not a dydiff-env behaviour actor (metadata {err} missing)") from err
-        actor.load_state_dict(load_file(str(path)))
+        except (SafetensorError, ValueError, TypeError, RuntimeError) as err:  # not safetensors, bad metadata, shapes
+            raise ValueError(f"{path} is not a readable dydiff-env behaviour actor ({err}); pass a snapshot "
+                             "written by `dydiff-env behaviour train`") from err
         actor.metadata = meta
         return actor.eval()
 
@@ -116,6 +120,10 @@ def evaluate_actor(actor, env_id: str, episodes: int = 5, seed: int = 0, determi
     import gymnasium as gym
 
     env = gym.make(env_id)
+    if env.observation_space.shape != (actor.obs_dim,) or env.action_space.shape != (actor.act_dim,):
+        env.close()
+        raise ValueError(f"the actor maps {actor.obs_dim} observations to {actor.act_dim} actions, but {env_id} has "
+                         f"{env.observation_space.shape[0]} and {env.action_space.shape[0]}; pass an actor of that env")
     gen = torch.Generator().manual_seed(seed)
     returns = []
     for ep in range(episodes):

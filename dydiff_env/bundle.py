@@ -2,8 +2,10 @@
 
 config.json holds the format version, package version, task and env id, obs/action dims, dataset id and
 content hash, normalisation statistics, hyper-parameters, training summaries, and the sha256 of every
-weight file. `load_bundle(path)` checks all of it and raises `BundleError` naming the fix on a missing or
-corrupt file, a shape mismatch, a bundle for another env, or a newer format version.
+weight file. Bundles are untrusted input: `load_bundle(path)` checks all of it (`bundle_schema`: every field
+of config.json, model sizes, tensor names, shapes, dtypes and values) before it builds a model, and raises
+`BundleError` naming the field and the fix on a missing or corrupt file, a malformed field, a shape or dtype
+mismatch, a model too large to load, a bundle for another env, or a newer format version.
 
 The bundle also stores up to `MAX_START_STATES` dataset observations (every episode start first), so an
 environment can reset from dataset states without the dataset being present.
@@ -23,20 +25,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .bundle_schema import (FORMAT_VERSION, MODEL_FILES, START_STATES_FILE, BundleError, check_elites,
+                            check_model_size, check_start_states, check_weights, validate_config)
 from .config import TrainConfig
 from .data import DEFAULT_DATASET_ID, Normalizer, OfflineData
 from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion
 from .tasks import Task, get_task
 
-FORMAT_VERSION = 1
 MAX_START_STATES = 20_000
-MODEL_FILES = {"diffusion": "diffusion.safetensors", "dynamics": "dynamics.safetensors",
-               "reward": "reward.safetensors", "bc": "bc.safetensors"}
-START_STATES_FILE = "start_states.safetensors"
-
-
-class BundleError(ValueError):
-    pass
 
 
 def _package_version() -> str:
@@ -95,7 +91,7 @@ class BundleWriter:
         task = get_task(data.env_id or data.dataset_id)
         cfg_path = self.dir / "config.json"
         if cfg_path.is_file():
-            self.meta = json.loads(cfg_path.read_text())
+            self.meta = _read_config(cfg_path)
             if self.meta.get("dataset_hash") != data.content_hash:
                 raise BundleError(f"{self.dir} holds models trained on another dataset "
                                   f"({self.meta.get('dataset_id')}, hash {self.meta.get('dataset_hash')}); "
@@ -211,11 +207,22 @@ def _build_model(kind: str, meta: dict, config: TrainConfig) -> torch.nn.Module:
     return BCPolicy(obs_dim, act_dim, config.bc.hidden)
 
 
-def _load_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tensor]:
+def _model_skeleton(kind: str, meta: dict, config: TrainConfig, cfg_path: Path) -> torch.nn.Module:
+    """The model as config.json describes it, on the meta device: the names, shapes, dtypes and size of its
+    weights, with nothing allocated."""
+    try:
+        with torch.device("meta"):
+            return _build_model(kind, meta, config)
+    except (ValueError, RuntimeError) as err:  # validate_config should have refused such a config already
+        raise BundleError(f"{cfg_path} describes a {kind} model that cannot be built ({err}); "
+                          "re-copy the bundle or re-train it") from err
+
+
+def _load_tensors(path: Path, expected_sha: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BundleError(f"bundle file {path} is missing; re-train that model with `dydiff-env train` "
                           "or copy the complete bundle directory")
-    if expected_sha is not None and _sha256(path) != expected_sha:
+    if _sha256(path) != expected_sha:
         raise BundleError(f"bundle file {path} is corrupt (sha256 differs from config.json); "
                           "re-copy the bundle or re-train that model")
     try:
@@ -224,9 +231,33 @@ def _load_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tenso
         raise BundleError(f"bundle file {path} is not a readable safetensors file ({err}); re-copy or re-train it") from err
 
 
+def _read_config(cfg_path: Path) -> dict:
+    """config.json, parsed and checked whole (`bundle_schema.validate_config`)."""
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{cfg_path} is corrupt ({err}); re-copy the bundle or re-train it") from err
+    validate_config(meta, cfg_path)
+    return meta
+
+
+def _start_state_arrays(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Checked start-state tensors as numpy (numpy has no bfloat16, so floats are converted first)."""
+    out = {"observations": tensors["observations"].float().numpy(),
+           "is_episode_start": tensors["is_episode_start"].numpy()}
+    for key in ("qpos", "qvel"):
+        if key in tensors:
+            out[key] = tensors[key].double().numpy()
+    return out
+
+
 def load_bundle(path: str | os.PathLike, env_id: str | None = None, device: str | torch.device = "cpu",
                 require: tuple[str, ...] = ()) -> Bundle:
-    """Load and validate a bundle directory. `env_id`, when given, must match the bundle's env."""
+    """Load and validate a bundle directory. `env_id`, when given, must match the bundle's env.
+
+    A bundle is untrusted input (see `bundle_schema`): config.json is checked whole and every model's size is
+    counted before a weight file is read; every tensor is checked (names, shapes, dtypes, finite values) before
+    a model is built; only the bundle's own file names are opened. Every problem raises `BundleError`."""
     path = Path(path)
     cfg_path = path / "config.json"
     if not path.is_dir():
@@ -235,16 +266,7 @@ def load_bundle(path: str | os.PathLike, env_id: str | None = None, device: str 
     if not cfg_path.is_file():
         raise BundleError(f"{path} has no config.json, so it is not a dydiff-env bundle (or its training never "
                           "wrote one); train one with `dydiff-env train all --dataset ID --out DIR`")
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"{cfg_path} is corrupt ({err}); re-copy the bundle or re-train it") from err
-    for key in ("format_version", "env_id", "obs_dim", "act_dim", "normalization", "train_config", "models", "files"):
-        if key not in meta:
-            raise BundleError(f"{cfg_path} lacks '{key}'; it is corrupt or not a dydiff-env bundle")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise BundleError(f"bundle {path} has format version {meta['format_version']}, newer than this dydiff-env "
-                          f"reads ({FORMAT_VERSION}); upgrade with `pip install -U dydiff-env`")
+    meta = _read_config(cfg_path)
     if env_id is not None:
         try:
             get_task(env_id)
@@ -253,36 +275,27 @@ def load_bundle(path: str | os.PathLike, env_id: str | None = None, device: str 
     if env_id is not None and get_task(env_id).env_id != meta["env_id"]:
         raise BundleError(f"bundle {path} models {meta['env_id']}, not {get_task(env_id).env_id}; "
                           "pass a bundle trained on a dataset of that env")
-    try:
-        task = get_task(meta["env_id"])
-        config = TrainConfig.from_dict(meta["train_config"])
-    except (ValueError, TypeError) as err:
-        raise BundleError(f"{cfg_path} has an invalid configuration ({err})") from err
-    if (task.obs_dim, task.act_dim) != (meta["obs_dim"], meta["act_dim"]):
-        raise BundleError(f"{cfg_path} says obs/act dims {meta['obs_dim']}/{meta['act_dim']}, but {task.env_id} "
-                          f"has {task.obs_dim}/{task.act_dim}")
-    models = {}
-    for kind, filename in MODEL_FILES.items():
-        if kind not in meta["models"]:
-            models[kind] = None
-            continue
-        tensors = _load_tensors(path / filename, meta["files"].get(filename))
+    task, config = get_task(meta["env_id"]), TrainConfig.from_dict(meta["train_config"])
+    skeletons = {kind: _model_skeleton(kind, meta, config, cfg_path) for kind in MODEL_FILES if kind in meta["models"]}
+    for kind, skeleton in skeletons.items():
+        check_model_size(kind, skeleton.state_dict(), cfg_path)
+    models = dict.fromkeys(MODEL_FILES)
+    for kind, skeleton in skeletons.items():
+        file = path / MODEL_FILES[kind]
+        tensors = _load_tensors(file, meta["files"][MODEL_FILES[kind]])
+        expected = skeleton.state_dict()
+        check_weights(kind, tensors, expected, file)
+        if kind == "dynamics":
+            check_elites(tensors["elites"], config.dynamics.ensemble_size, meta["models"]["dynamics"].get("elites"), file)
         model = _build_model(kind, meta, config)
-        expected = model.state_dict()
-        problems = [f"{k}: missing" for k in expected if k not in tensors]
-        problems += [f"{k}: unexpected" for k in tensors if k not in expected]
-        problems += [f"{k}: shape {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                     if k in tensors and tensors[k].shape != v.shape]
-        if problems:
-            raise BundleError(f"bundle file {path / filename} does not match the {kind} model described in "
-                              f"config.json ({'; '.join(problems[:4])}); the bundle is inconsistent, re-train it")
         model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
         models[kind] = model.eval().requires_grad_(False)
     start_states = {}
     if START_STATES_FILE in meta["files"]:
-        start_states = {k: v.numpy() for k, v in _load_tensors(path / START_STATES_FILE, meta["files"][START_STATES_FILE]).items()}
-        if start_states["observations"].shape[1:] != (meta["obs_dim"],):
-            raise BundleError(f"{path / START_STATES_FILE} has observations of shape {start_states['observations'].shape}")
+        file = path / START_STATES_FILE
+        tensors = _load_tensors(file, meta["files"][START_STATES_FILE])
+        check_start_states(tensors, meta["obs_dim"], file)
+        start_states = _start_state_arrays(tensors)
     bundle = Bundle(path, meta, task, config, start_states=start_states, **models).to(device)
     bundle.require(*require)
     return bundle

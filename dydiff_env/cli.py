@@ -51,6 +51,62 @@ COLLECT_PRESETS = {
 }
 
 
+# argument types: argparse reports a bad value as a usage error (exit code 2), never as a traceback
+
+
+def integer_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return integer_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return integer_at_least(text, 0)
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def torch_device(text: str) -> str:
+    """A torch device that this machine has."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from err
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if device.type in available and not available[device.type]():
+        raise argparse.ArgumentTypeError(f"{device.type} is not available on this machine; use --device cpu")
+    return text
+
+
+def gym_env_id(text: str) -> str:
+    """An env id that Gymnasium has registered."""
+    import gymnasium
+
+    try:
+        gymnasium.spec(text)
+    except gymnasium.error.Error as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return text
+
+
 def _set_threads(threads: int | None) -> None:
     import torch
 
@@ -68,7 +124,11 @@ def cmd_collect(args) -> int:
     _set_threads(args.threads)
     if args.actor:
         task = get_task(args.env)
-        actors = [("custom", GaussianActor.load(args.actor))]
+        actor = GaussianActor.load(args.actor)
+        if (actor.obs_dim, actor.act_dim) != (task.obs_dim, task.act_dim):
+            raise ValueError(f"--actor {args.actor} maps {actor.obs_dim} observations to {actor.act_dim} actions, "
+                             f"but {task.env_id} has {task.obs_dim} and {task.act_dim}; pass the actor's env as --env")
+        actors = [("custom", actor)]
         dataset_id = args.dataset_id or f"dydiff/{task.name}/custom-v0"
         description = f"{task.env_id}, actor {args.actor}"
         num_steps = args.steps or 200_000
@@ -170,14 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("collect", help="run a behaviour policy in the real simulator and write a Minari dataset")
     p.add_argument("name", nargs="?", default="hopper-medium", help=f"one of {sorted(COLLECT_PRESETS)}")
-    p.add_argument("--steps", type=int, default=None, help="transitions to collect (whole episodes)")
+    p.add_argument("--steps", type=positive_int, default=None, help="transitions to collect (whole episodes)")
     p.add_argument("--dataset-id", default=None)
     p.add_argument("--actor", default=None, help="a behaviour snapshot (.safetensors) instead of a shipped one")
     p.add_argument("--env", default="Hopper-v5", help="env of --actor")
     p.add_argument("--deterministic", action="store_true", help="mean actions instead of sampling (D4RL samples)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch intra-op threads (default 1: one observation at a time gains nothing from more, and "
                         "two threads slow to a crawl when another job shares a 2-core machine)")
     p.set_defaults(func=cmd_collect)
@@ -188,11 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle directory")
     p.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "paper"])
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--checkpoint-every", type=float, default=None, help="seconds between checkpoints")
-    p.add_argument("--diffusion-steps", type=int, default=None, help="override the preset's diffusion steps")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--device", type=torch_device, default="cpu")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--checkpoint-every", type=non_negative_float, default=None, help="seconds between checkpoints")
+    p.add_argument("--diffusion-steps", type=non_negative_int, default=None, help="override the preset's diffusion steps")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help="summarise a bundle")
@@ -208,20 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("behaviour", help="behaviour policies (SB3 SAC in the real simulator)")
     bsub = p.add_subparsers(dest="behaviour_command", required=True)
     b = bsub.add_parser("train", help="train SAC and export actor snapshots with their returns")
-    b.add_argument("--env", default="Hopper-v5")
-    b.add_argument("--steps", type=int, default=300_000)
-    b.add_argument("--snapshot-every", type=int, default=10_000)
+    b.add_argument("--env", type=gym_env_id, default="Hopper-v5")
+    b.add_argument("--steps", type=positive_int, default=300_000)
+    b.add_argument("--snapshot-every", type=positive_int, default=10_000)
     b.add_argument("--out", required=True)
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--seed", type=non_negative_int, default=0)
+    b.add_argument("--threads", type=positive_int, default=1)
     b.set_defaults(func=cmd_behaviour_train)
     b = bsub.add_parser("eval", help="return of an actor snapshot in the real simulator")
     b.add_argument("actor")
-    b.add_argument("--env", default="Hopper-v5")
-    b.add_argument("--episodes", type=int, default=10)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--env", type=gym_env_id, default="Hopper-v5")
+    b.add_argument("--episodes", type=positive_int, default=10)
+    b.add_argument("--seed", type=non_negative_int, default=0)
     b.set_defaults(func=cmd_behaviour_eval)
     return parser
+
+
+def error_line(err: BaseException) -> str:
+    """What the CLI prints for a refused input: one line, never a traceback."""
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return f"error: {message}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,9 +297,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (BundleError, DatasetNotFoundError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (BundleError, DatasetNotFoundError, OSError) as err:  # a bad bundle, dataset or path
+        print(error_line(err), file=sys.stderr)
         return 1
+    except (ValueError, TypeError) as err:  # arguments refused further down (an unknown env id, a bad actor file)
+        print(error_line(err), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; continue with the same command and --resume", file=sys.stderr)
         return 130
