@@ -20,7 +20,7 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 import torch
 
-from .config import DiffusionConfig, DynamicsConfig, MLPConfig, SamplerConfig, TrainConfig
+from .config import SAMPLER_KINDS, DiffusionConfig, DynamicsConfig, MLPConfig, SamplerConfig, TrainConfig
 from .tasks import get_task
 
 FORMAT_VERSION = 1
@@ -146,6 +146,15 @@ def number_list(low: float) -> Check:
     return check
 
 
+def one_of(choices: tuple[str, ...]) -> Check:
+    def check(value):
+        if value not in choices:
+            return f"must be one of {list(choices)}, got {show(value)}"
+        return None
+
+    return check
+
+
 FRACTION = number(0, 1, high_open=True)
 POSITIVE = number(0, low_open=True)
 HIDDEN = integer_list(0, MAX_HIDDEN_LAYERS, 1, MAX_WIDTH)
@@ -165,7 +174,8 @@ TRAIN_CONFIG_FIELDS: dict[str, tuple[type, dict[str, Check]]] = {
         "min_valid_rows": integer(1), "holdout_fraction": FRACTION, "eval_every": integer(1),
     }),
     "sampler": (SamplerConfig, {
-        "num_steps": integer(1, MAX_SAMPLER_STEPS), "sigma_min": number(0, MAX_SIGMA, low_open=True),
+        "num_steps": integer(1, MAX_SAMPLER_STEPS), "kind": one_of(SAMPLER_KINDS),
+        "sigma_min": number(0, MAX_SIGMA, low_open=True),
         "sigma_max": number(0, MAX_SIGMA, low_open=True), "rho": number(0, 100, low_open=True),
         "s_churn": number(0), "s_min": number(0), "s_max": number(0), "s_noise": number(0),
     }),

@@ -90,6 +90,7 @@ def resolve_bundle(bundle: str | Path | Bundle | None, task: str, device: str | 
     if isinstance(bundle, Bundle):
         if bundle.task.name != get_task(task).name:
             raise BundleError(f"bundle {bundle.path} models {bundle.task.env_id}, not {get_task(task).env_id}")
+        bundle.require("dynamics", "reward")  # as load_bundle does for a path: fail here, not at reset
         return bundle.to(device)
     if bundle is None:
         path = shipped_bundle_path(get_task(task).name)
@@ -459,7 +460,11 @@ class DydiffEnv(gym.vector.VectorEnv):
         infos["_plan_return"][env_ids] = s.on_plan[env_ids]
 
     def _check_actions(self, actions) -> tuple[torch.Tensor, np.ndarray]:
-        arr = actions.detach().cpu().numpy() if isinstance(actions, torch.Tensor) else np.asarray(actions)
+        if isinstance(actions, torch.Tensor):  # any device, dtype (bfloat16 has no numpy type) or grad
+            actions = actions.detach().cpu()
+            arr = (actions.double() if actions.is_floating_point() else actions).numpy()
+        else:
+            arr = np.asarray(actions)
         expected = (self.num_envs, *self.single_action_space.shape)
         if arr.shape != expected:
             hint = " (a single env's action? wrap it as a batch: actions[None])" if arr.shape == expected[1:] else ""

@@ -683,3 +683,10 @@ def test_policy_handle_tianshou(bundle):
     env = DydiffEnv(1, bundle=bundle, policy=policy, **PLANS)
     env.reset(seed=0)
     real.close()
+
+
+def test_a_loaded_bundle_without_dynamics_is_refused_at_construction(bundle):
+    import dataclasses
+
+    with pytest.raises(BundleError, match="no dynamics model"):
+        DydiffEnv(1, bundle=dataclasses.replace(bundle, dynamics=None))

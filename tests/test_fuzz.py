@@ -158,13 +158,11 @@ def test_single_env_takes_any_actions(bundle, seed, data):
             assert_finite(obs)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="DydiffEnv._check_actions converts tensors with .numpy(), which has no bfloat16 "
-                          "(env.py is left unchanged by issue 15)")
 def test_bfloat16_actions_are_accepted(bundle):
     env = DydiffEnv(1, bundle=bundle, **FAST)
     env.reset(seed=0)
-    env.step(torch.zeros((1, 3), dtype=torch.bfloat16))
+    obs, *_ = env.step(torch.full((1, 3), 0.5, dtype=torch.bfloat16))
+    assert np.isfinite(obs).all()
 
 
 # ----------------------------------------------------------------------------------------- seeds and options
