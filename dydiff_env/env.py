@@ -258,15 +258,20 @@ class DydiffEnv(gym.vector.VectorEnv):
         if start_obs is None:
             start_obs = self.bundle.sample_start_obs(num_starts, rng or self.np_random, start_states == "episode_starts")
         plan_policy = as_policy(policy) if policy is not None else self._planning_policy()
-        return dydiff_rollout(self.bundle, start_obs, plan_policy, horizon=self.horizon,
+        return self._dydiff(start_obs, plan_policy, self.config.filter)
+
+    def _dydiff(self, start_obs, policy, filter_config: FilterConfig) -> RolloutResult:
+        """`dydiff_rollout` with this env's horizon, iterations, sampler, generator and ensemble mode."""
+        return dydiff_rollout(self.bundle, start_obs, policy, horizon=self.horizon,
                               num_iterations=self.config.num_iterations, sampler=self.sampler,
-                              filter=self.config.filter, generator=self._generator,
+                              filter=filter_config, generator=self._generator,
                               dynamics_mode=self.config.rollout_dynamics)
 
-    def _generate(self, s: EnvState, first_ids: np.ndarray = np.zeros(0, np.int64), pool_count: int = 0) -> None:
+    def _generate(self, s: EnvState, first_ids: np.ndarray | None = None, pool_count: int = 0) -> None:
         """One batched DyDiff rollout for everything pending in `s`: first plans for the sub-envs `first_ids`
         (from where they are), the continuations of every queued sub-env, and, when `pool_count` > 0, pool
         candidates from dataset states of which the filter keeps at least `pool_count` (added to the pool)."""
+        first_ids = np.zeros(0, np.int64) if first_ids is None else first_ids
         queued = np.flatnonzero(self._due_continuations(s))
         q = torch.as_tensor(queued)
         plan_ends = s.plan.obs[q, s.plan.length[q]]
@@ -279,10 +284,7 @@ class DydiffEnv(gym.vector.VectorEnv):
         if candidates:
             drawn = self.bundle.sample_start_obs(candidates, self.np_random, self.config.start_states == "episode_starts")
             starts = torch.cat([fixed, drawn])
-        result = dydiff_rollout(self.bundle, starts, self._planning_policy(), horizon=self.horizon,
-                                num_iterations=self.config.num_iterations, sampler=self.sampler,
-                                filter=FilterConfig("none"), generator=self._generator,
-                                dynamics_mode=self.config.rollout_dynamics)
+        result = self._dydiff(starts, self._planning_policy(), FilterConfig("none"))
         plans = Plans.from_rollout(result)
         first = len(first_ids)
         if first:
