@@ -41,13 +41,14 @@ def default_run_dir(script: str, seed: int, real_only: bool = False) -> str:
     return os.path.join("runs", f"{script}-seed{seed}{'-nodydiff' if real_only else ''}")
 
 
-def dydiff_rollout_fn(env) -> Callable:
-    """`OfflineTrainer` rollout source backed by a `DydiffEnv` (see the module docstring)."""
+def dydiff_rollout_fn(env, start_states: str = "any") -> Callable:
+    """`OfflineTrainer` rollout source backed by a `DydiffEnv` (see the module docstring); `start_states` is an
+    `EnvConfig.start_states` mode."""
     from dydiff_env.policies import as_policy
 
     def rollout_fn(policy_fn: Callable, num_starts: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         # the agents' actor functions take and return tensors: no numpy round trip
-        result = env.rollout(num_starts, policy=as_policy(policy_fn, input="torch"), rng=rng, start_states="any")
+        result = env.rollout(num_starts, policy=as_policy(policy_fn, input="torch"), rng=rng, start_states=start_states)
         return result.transitions(kept_only=True)
 
     return rollout_fn
@@ -77,6 +78,9 @@ def add_common_args(parser: argparse.ArgumentParser, steps: int, rollout_every: 
     parser.add_argument("--no-dydiff", action="store_true", help="same budget on real data only (the baseline)")
     parser.add_argument("--rollout-every", type=int, default=rollout_every, help="gradient steps between rollouts")
     parser.add_argument("--rollout-starts", type=int, default=rollout_starts, help="start states per rollout")
+    parser.add_argument("--start-states", default="any", choices=("any", "episode_starts", "stored"),
+                        help="where rollouts start: dataset states drawn uniformly (any, default), episode starts "
+                             "only, or uniformly over the bundle's stored sample (episode starts ~10x more often)")
     parser.add_argument("--horizon", type=int, default=None, help="rollout horizon (default: the bundle's)")
     parser.add_argument("--real-fraction", type=float, default=0.6)
     parser.add_argument("--eval-every", type=int, default=eval_every)
@@ -101,7 +105,7 @@ def run_offline(name: str, make_agent: Callable[[OfflineData, str], object], arg
                         num_iterations=args.iterations, device=args.device)
         if args.sampler_steps:
             env.sampler = replace(env.sampler, num_steps=args.sampler_steps)
-        rollout_fn = dydiff_rollout_fn(env)
+        rollout_fn = dydiff_rollout_fn(env, args.start_states)
     out = args.out or default_run_dir(name, args.seed, real_only=args.no_dydiff)
     config = TrainerConfig(total_steps=args.steps, real_fraction=args.real_fraction, rollout_every=args.rollout_every,
                            rollout_starts=args.rollout_starts, eval_every=args.eval_every,

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .bundle_schema import (FORMAT_VERSION, MODEL_FILES, START_STATES_FILE, BundleError, check_elites,
                             check_model_size, check_start_states, check_weights, validate_config)
-from .config import TrainConfig
+from .config import START_STATE_MODES, TrainConfig
 from .data import DEFAULT_DATASET_ID, Normalizer, OfflineData
 from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion
 from .tasks import Task, get_task
@@ -159,16 +159,22 @@ class Bundle:
             raise BundleError(f"bundle {self.path} has no {', '.join(missing)} model; train it with "
                               f"`dydiff-env train {missing[0]} --dataset {self.meta.get('dataset_id')} --out {self.path}`")
 
-    def sample_start_obs(self, count: int, rng: np.random.Generator, episode_starts: bool = False) -> torch.Tensor:
-        """`count` stored dataset observations: drawn as if uniformly from the whole dataset (default), or from
-        its episode starts only. The stored sample holds every episode start plus a uniform subsample of the
-        other rows, so each stored row is weighted by how many dataset rows of its kind it stands for."""
+    def sample_start_obs(self, count: int, rng: np.random.Generator, mode: str = "any") -> torch.Tensor:
+        """`count` stored dataset observations. The stored sample holds every episode start plus a uniform
+        subsample of the other rows. mode: "any" - as if drawn uniformly from the whole dataset (each stored
+        row weighted by how many dataset rows of its kind it stands for); "episode_starts" - episode starts
+        only; "stored" - uniformly over the stored rows, i.e. episode starts about 10x over-represented (what
+        versions before the env redesign did)."""
+        if mode not in START_STATE_MODES:
+            raise ValueError(f"start-state mode must be one of {list(START_STATE_MODES)}, got {mode!r}")
         starts = self.start_states
         if not starts:
             raise BundleError(f"bundle {self.path} stores no start states; re-train or re-export it")
         is_start = np.asarray(starts["is_episode_start"], dtype=bool)
-        if episode_starts and is_start.any():
+        if mode == "episode_starts" and is_start.any():
             pick = np.flatnonzero(is_start)[rng.integers(0, int(is_start.sum()), size=count)]
+        elif mode == "stored":
+            pick = rng.integers(0, len(is_start), size=count)
         else:  # what rng.choice(p=weights) does, with the cumulative weights computed once
             pick = self._start_cdf.searchsorted(rng.random(count), side="right")
         return torch.as_tensor(starts["observations"][pick], device=self.device)

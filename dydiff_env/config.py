@@ -187,7 +187,7 @@ def preset(name: str) -> TrainConfig:
 
 PLAN_MODES = ("auto", "always", "never")
 DYNAMICS_MODES = ("mean", "elite_mean", "sample")
-START_STATE_MODES = ("any", "episode_starts")
+START_STATE_MODES = ("any", "episode_starts", "stored")
 AUTORESET_NAMES = ("NextStep", "SameStep", "Disabled")
 
 # keywords of the first DydiffEnv that no longer exist, with what replaced them
@@ -226,7 +226,8 @@ class EnvConfig:
     max_disagreement: truncate an off-plan step whose ensemble disagreement exceeds this (None: never).
     max_episode_steps: truncation limit (the real Hopper-v5 uses 1000; None: no limit).
     start_states: "any" - reset to dataset states drawn uniformly from the dataset (the bundle's stored
-        sample is reweighted); "episode_starts" - to the dataset's episode starts only.
+        sample is reweighted); "episode_starts" - to the dataset's episode starts only; "stored" - uniformly
+        over the bundle's stored sample (episode starts about 10x over-represented; the first env's rule).
     autoreset_mode: "NextStep" (Gymnasium's default), "SameStep" or "Disabled" (or `AutoresetMode` members
         or their names).
     device: torch device of the models.

@@ -250,13 +250,13 @@ class DydiffEnv(gym.vector.VectorEnv):
     def rollout(self, num_starts: int, policy: Any = None, start_obs: torch.Tensor | np.ndarray | None = None,
                 rng: np.random.Generator | None = None, start_states: str = "any") -> RolloutResult:
         """One batched DyDiff rollout with this env's settings (horizon, iterations, sampler, filter), from
-        `start_obs` or `num_starts` dataset states ("any" or "episode_starts"). For agents that fill a model
+        `start_obs` or `num_starts` dataset states (a `start_states` mode of `EnvConfig`). For agents that fill a model
         replay buffer directly (`result.transitions()`), as the reference does every K gradient steps.
         `policy` defaults to the env's policy handle (the behaviour policy without one)."""
         if rng is not None:
             self._generator.manual_seed(int(rng.integers(0, 2**63 - 1)))
         if start_obs is None:
-            start_obs = self.bundle.sample_start_obs(num_starts, rng or self.np_random, start_states == "episode_starts")
+            start_obs = self.bundle.sample_start_obs(num_starts, rng or self.np_random, start_states)
         plan_policy = as_policy(policy) if policy is not None else self._planning_policy()
         return self._dydiff(start_obs, plan_policy, self.config.filter)
 
@@ -282,7 +282,7 @@ class DydiffEnv(gym.vector.VectorEnv):
             return
         starts = fixed
         if candidates:
-            drawn = self.bundle.sample_start_obs(candidates, self.np_random, self.config.start_states == "episode_starts")
+            drawn = self.bundle.sample_start_obs(candidates, self.np_random, self.config.start_states)
             starts = torch.cat([fixed, drawn])
         result = self._dydiff(starts, self._planning_policy(), FilterConfig("none"))
         plans = Plans.from_rollout(result)
@@ -350,8 +350,7 @@ class DydiffEnv(gym.vector.VectorEnv):
             s.pool = s.pool.take(slice(len(env_ids), None))
             s.pool_start[env_ids], s.probing[env_ids] = True, False
         else:
-            starts = self.bundle.sample_start_obs(len(env_ids), self.np_random,
-                                                  self.config.start_states == "episode_starts")
+            starts = self.bundle.sample_start_obs(len(env_ids), self.np_random, self.config.start_states)
             self._begin_planless(s, env_ids, starts)
         s.elapsed[env_ids] = 0
         s.needs_reset[env_ids] = False

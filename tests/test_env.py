@@ -432,7 +432,7 @@ def test_start_states_are_uniform_over_the_dataset(bundle):
     picks = fake.sample_start_obs(20_000, np.random.default_rng(0))[:, 0].numpy()
     share = (picks < n_start).mean()
     assert abs(share - 0.1) < 0.01, f"episode starts are 10 % of the dataset's rows, drew {share:.3f}"
-    only = fake.sample_start_obs(100, np.random.default_rng(0), episode_starts=True)[:, 0].numpy()
+    only = fake.sample_start_obs(100, np.random.default_rng(0), "episode_starts")[:, 0].numpy()
     assert (only < n_start).all()
 
 
@@ -690,3 +690,12 @@ def test_a_loaded_bundle_without_dynamics_is_refused_at_construction(bundle):
 
     with pytest.raises(BundleError, match="no dynamics model"):
         DydiffEnv(1, bundle=dataclasses.replace(bundle, dynamics=None))
+
+
+def test_stored_start_states_draw_the_stored_rows_uniformly(bundle):
+    rows = len(bundle.start_states["observations"])
+    picks = bundle.sample_start_obs(50, np.random.default_rng(4), "stored").numpy()
+    expected = bundle.start_states["observations"][np.random.default_rng(4).integers(0, rows, size=50)]
+    assert np.array_equal(picks, expected)
+    with pytest.raises(ValueError, match="start-state mode"):
+        bundle.sample_start_obs(1, np.random.default_rng(0), "sometimes")
