@@ -9,10 +9,18 @@ mismatch, a model too large to load, a bundle for another env, or a newer format
 
 The bundle also stores up to `MAX_START_STATES` dataset observations (every episode start first), so an
 environment can reset from dataset states without the dataset being present.
+
+Writing (`BundleWriter`, `export_bundle`): one writer at a time holds the directory's lock file `.lock`
+(`writers.WriterLock`). Every change is a commit: new files are written under names that config.json does
+not reference (the plain `dynamics.safetensors`, or one tagged with the file's sha256 such as
+`dynamics.1a2b3c4d.safetensors`), then ONE atomic replace of config.json makes them the bundle, then the
+files it no longer references are deleted. Until that replace the previous bundle loads unchanged.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,16 +31,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+# START_STATES_FILE is not used here but stays importable from this module, as before
 from .bundle_schema import (FORMAT_VERSION, MODEL_FILES, START_STATES_FILE, BundleError, check_elites,
-                            check_model_size, check_start_states, check_weights, validate_config)
-from .config import START_STATE_MODES, TrainConfig
+                            check_model_size, check_start_states, check_weights, file_kind, files_by_kind,
+                            plain_file_name, tagged_file_name, validate_config)
+from .config import START_STATE_MODES, TrainConfig, architecture_changes, describe_architecture_changes
 from .data import DEFAULT_DATASET_ID, Normalizer, OfflineData
 from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion
 from .tasks import Task, get_task
+from .writers import WriterLock, remove_stale_temporaries, write_atomically
 
 MAX_START_STATES = 20_000
+LOCK_FILE = ".lock"
 
 
 def _package_version() -> str:
@@ -53,20 +65,44 @@ def _sha256(path: Path) -> str:
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(obj, indent=2).encode())
 
 
-def _save_weights(path: Path, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous().clone()
-               for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+def _tensors_of(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous().clone()
+            for k, v in model.state_dict().items()}
+
+
+def write_new_file(directory: Path, kind: str, tensors: dict[str, torch.Tensor], referenced: set[str]) -> tuple[str, str]:
+    """Write `tensors` as a bundle file of `kind` ('dynamics', ..., 'start_states') under a name that is not
+    in `referenced` (the files config.json points to, which must stay as they are until it is replaced):
+    the plain name when it is free, else the name tagged with the file's sha256. Returns (name, sha256)."""
+    payload = save(tensors)
+    digest = hashlib.sha256(payload).hexdigest()
+    plain = plain_file_name(kind)
+    name = plain if plain not in referenced else tagged_file_name(kind, digest)
+    write_atomically(directory / name, payload)
+    return name, digest
+
+
+def remove_unreferenced_files(directory: Path, files: dict) -> list[str]:
+    """Delete the bundle files (by their names: models and start states) that config.json's `files` does not
+    list: the ones a commit replaced, or ones written by a run that died before its commit."""
+    removed = []
+    for path in directory.iterdir():
+        if file_kind(path.name) is not None and path.name not in files and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def same_directory(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
 
 
 def start_state_sample(data: OfflineData, limit: int = MAX_START_STATES, seed: int = 0) -> dict[str, np.ndarray]:
@@ -83,47 +119,126 @@ def start_state_sample(data: OfflineData, limit: int = MAX_START_STATES, seed: i
 
 
 class BundleWriter:
-    """Writes a bundle incrementally while models finish training (used by `training.train_models`)."""
+    """The one writer of a bundle directory while models finish training (used by `training.train_models`).
+
+    Holds the directory's lock from construction to `close()` (use it as a context manager); refuses a
+    bundle of another dataset. Every change is one commit of config.json (see the module docstring)."""
 
     def __init__(self, out_dir: Path, data: OfflineData, config: TrainConfig):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        task = get_task(data.env_id or data.dataset_id)
+        self.lock = WriterLock(self.dir / LOCK_FILE, f"bundle {self.dir}")
+        self.lock.acquire()
+        try:
+            self.meta = self._open(data, config)
+            remove_stale_temporaries(self.dir)
+            remove_unreferenced_files(self.dir, self.meta["files"])
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, data: OfflineData, config: TrainConfig) -> dict:
         cfg_path = self.dir / "config.json"
         if cfg_path.is_file():
-            self.meta = _read_config(cfg_path)
-            if self.meta.get("dataset_hash") != data.content_hash:
+            meta = _read_config(cfg_path)
+            if meta.get("dataset_hash") != data.content_hash:
                 raise BundleError(f"{self.dir} holds models trained on another dataset "
-                                  f"({self.meta.get('dataset_id')}, hash {self.meta.get('dataset_hash')}); "
+                                  f"({meta.get('dataset_id')}, hash {meta.get('dataset_hash')}); "
                                   "use a new --out directory")
-        else:
-            norm = {}
-            norm.update(Normalizer.fit(data.observations).to_dict("obs"))
-            norm.update(Normalizer.fit(data.actions).to_dict("act"))
-            norm.update(Normalizer.fit(np.concatenate([data.observations, data.actions], 1)).to_dict("transition"))
-            self.meta = {
-                "format_version": FORMAT_VERSION, "package_version": _package_version(), "task": task.name,
-                "env_id": task.env_id, "obs_dim": data.obs_dim, "act_dim": data.act_dim,
-                "dataset_id": data.dataset_id, "dataset_hash": data.content_hash, "dataset_transitions": len(data),
-                "dataset_episodes": int(len(data.episode_starts)),
-                "dataset_mean_return": float(data.episode_returns.mean()),
-                "normalization": {k: np.asarray(v).tolist() for k, v in norm.items()},
-                "train_config": config.to_dict(), "models": {}, "files": {},
-            }
-            starts = start_state_sample(data, seed=config.seed)
-            save_file({k: torch.as_tensor(v) for k, v in starts.items()}, str(self.dir / START_STATES_FILE))
-            self.meta["files"][START_STATES_FILE] = _sha256(self.dir / START_STATES_FILE)
-            _atomic_json(cfg_path, self.meta)
+            return meta
+        task = get_task(data.env_id or data.dataset_id)
+        norm = {}
+        norm.update(Normalizer.fit(data.observations).to_dict("obs"))
+        norm.update(Normalizer.fit(data.actions).to_dict("act"))
+        norm.update(Normalizer.fit(np.concatenate([data.observations, data.actions], 1)).to_dict("transition"))
+        meta = {
+            "format_version": FORMAT_VERSION, "package_version": _package_version(), "task": task.name,
+            "env_id": task.env_id, "obs_dim": data.obs_dim, "act_dim": data.act_dim,
+            "dataset_id": data.dataset_id, "dataset_hash": data.content_hash, "dataset_transitions": len(data),
+            "dataset_episodes": int(len(data.episode_starts)),
+            "dataset_mean_return": float(data.episode_returns.mean()),
+            "normalization": {k: np.asarray(v).tolist() for k, v in norm.items()},
+            "train_config": config.to_dict(), "models": {}, "files": {},
+        }
+        starts = {k: torch.as_tensor(v) for k, v in start_state_sample(data, seed=config.seed).items()}
+        name, digest = write_new_file(self.dir, "start_states", starts, referenced=set())
+        meta["files"][name] = digest
+        _atomic_json(cfg_path, meta)
+        return meta
+
+    def close(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> "BundleWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _commit(self, meta: dict) -> None:
+        """Make `meta` the bundle: one atomic replace of config.json, then delete what it no longer lists.
+        `self.meta` changes only once the replace succeeded."""
+        _atomic_json(self.dir / "config.json", meta)
+        self.meta = meta
+        remove_unreferenced_files(self.dir, meta["files"])
+
+    def model_file(self, kind: str) -> Path | None:
+        name = files_by_kind(self.meta["files"]).get(kind)
+        return self.dir / name if name else None
 
     def has_model(self, kind: str) -> bool:
-        return kind in self.meta["models"] and (self.dir / MODEL_FILES[kind]).is_file()
+        file = self.model_file(kind)
+        return kind in self.meta["models"] and file is not None and file.is_file()
 
-    def add_model(self, kind: str, model: torch.nn.Module, summary: dict) -> None:
-        path = self.dir / MODEL_FILES[kind]
-        _save_weights(path, model)
-        self.meta["models"][kind] = summary
-        self.meta["files"][MODEL_FILES[kind]] = _sha256(path)
-        _atomic_json(self.dir / "config.json", self.meta)
+    def has_intact_model(self, kind: str) -> bool:
+        """The model is in config.json and its file has the sha256 recorded there."""
+        file = self.model_file(kind)
+        return self.has_model(kind) and _sha256(file) == self.meta["files"][file.name]
+
+    @property
+    def in_training(self) -> list[str]:
+        return list(self.meta.get("in_training", []))
+
+    def architecture_changes(self, kinds: list[str], config: TrainConfig) -> dict[str, dict]:
+        """Per model kind, the architecture fields in which `config` differs from what config.json records."""
+        recorded = TrainConfig.from_dict(self.meta["train_config"])
+        return {kind: changes for kind in kinds if (changes := architecture_changes(recorded, config, kind))}
+
+    def refuse_architecture_changes(self, kinds: list[str], config: TrainConfig) -> None:
+        changes = self.architecture_changes(kinds, config)
+        if changes:
+            raise BundleError(f"bundle {self.dir} records another architecture for "
+                              f"{describe_architecture_changes(changes)}; pass --overwrite to replace those "
+                              "models, or train into a new --out directory")
+
+    def start_training(self, kinds: list[str]) -> None:
+        """Record that these models are being (re)trained, so that `--resume` continues them even where the
+        bundle still holds a previous version."""
+        if kinds and set(kinds) - set(self.in_training):
+            meta = copy.deepcopy(self.meta)
+            meta["in_training"] = [k for k in MODEL_FILES if k in kinds or k in self.in_training]
+            self._commit(meta)
+
+    def add_model(self, kind: str, model: torch.nn.Module, summary: dict, config: TrainConfig | None = None) -> None:
+        """Commit a trained model: its weights under a new name, then config.json with its summary, its file's
+        sha256 and the configuration it was trained with (`config`'s section for `kind`)."""
+        meta = copy.deepcopy(self.meta)
+        old = files_by_kind(meta["files"]).get(kind)
+        name, digest = write_new_file(self.dir, kind, _tensors_of(model), referenced=set(meta["files"]))
+        if old is not None:
+            del meta["files"][old]
+        meta["files"][name] = digest
+        meta["models"][kind] = summary
+        if config is not None:
+            meta["train_config"][kind] = dataclasses.asdict(getattr(config, kind))
+            if kind == "diffusion":
+                meta["train_config"]["sampler"] = dataclasses.asdict(config.sampler)
+        in_training = [k for k in meta.get("in_training", []) if k != kind]
+        if in_training:
+            meta["in_training"] = in_training
+        else:
+            meta.pop("in_training", None)
+        self._commit(meta)
 
 
 @dataclass
@@ -286,9 +401,10 @@ def load_bundle(path: str | os.PathLike, env_id: str | None = None, device: str 
     for kind, skeleton in skeletons.items():
         check_model_size(kind, skeleton.state_dict(), cfg_path)
     models = dict.fromkeys(MODEL_FILES)
+    names = files_by_kind(meta["files"])
     for kind, skeleton in skeletons.items():
-        file = path / MODEL_FILES[kind]
-        tensors = _load_tensors(file, meta["files"][MODEL_FILES[kind]])
+        file = path / names[kind]
+        tensors = _load_tensors(file, meta["files"][names[kind]])
         expected = skeleton.state_dict()
         check_weights(kind, tensors, expected, file)
         if kind == "dynamics":
@@ -297,9 +413,9 @@ def load_bundle(path: str | os.PathLike, env_id: str | None = None, device: str 
         model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
         models[kind] = model.eval().requires_grad_(False)
     start_states = {}
-    if START_STATES_FILE in meta["files"]:
-        file = path / START_STATES_FILE
-        tensors = _load_tensors(file, meta["files"][START_STATES_FILE])
+    if "start_states" in names:
+        file = path / names["start_states"]
+        tensors = _load_tensors(file, meta["files"][names["start_states"]])
         check_start_states(tensors, meta["obs_dim"], file)
         start_states = _start_state_arrays(tensors)
     bundle = Bundle(path, meta, task, config, start_states=start_states, **models).to(device)
@@ -309,24 +425,45 @@ def load_bundle(path: str | os.PathLike, env_id: str | None = None, device: str 
 
 def export_bundle(src: str | os.PathLike, dst: str | os.PathLike, half: bool = True) -> Path:
     """Copy a bundle without its training checkpoints, optionally storing weights as float16 (half the size;
-    loading converts back to float32). Used to make the bundle shipped inside the package."""
+    loading converts back to float32). Used to make the bundle shipped inside the package.
+
+    `dst` is written as one commit under its lock (see the module docstring): a bundle already there stays
+    loadable until the new config.json replaces its own."""
+    src, dst = Path(src), Path(dst)
+    if same_directory(src, dst):
+        raise BundleError(f"export would overwrite its source {src}; pass another destination directory")
     src_b = load_bundle(src)
-    dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    meta = json.loads(json.dumps(src_b.meta))
-    meta["files"] = {}
-    for kind, filename in MODEL_FILES.items():
-        model = getattr(src_b, kind)
-        if model is not None:
-            _save_weights(dst / filename, model, torch.float16 if half else torch.float32)
-            meta["files"][filename] = _sha256(dst / filename)
-    if src_b.start_states:
-        save_file({k: torch.as_tensor(v) for k, v in src_b.start_states.items()}, str(dst / START_STATES_FILE))
-        meta["files"][START_STATES_FILE] = _sha256(dst / START_STATES_FILE)
-    meta["weights_dtype"] = "float16" if half else "float32"
-    _atomic_json(dst / "config.json", meta)
-    for extra in ("metrics.csv",):
-        if (Path(src) / extra).is_file():
-            (dst / extra).write_bytes((Path(src) / extra).read_bytes())
+    with WriterLock(dst / LOCK_FILE, f"bundle {dst}"):
+        remove_stale_temporaries(dst)
+        referenced = set(_referenced_files(dst))
+        meta = json.loads(json.dumps(src_b.meta))
+        meta.pop("in_training", None)
+        meta["files"] = {}
+        for kind in MODEL_FILES:
+            model = getattr(src_b, kind)
+            if model is not None:
+                name, digest = write_new_file(dst, kind, _tensors_of(model, torch.float16 if half else torch.float32),
+                                              referenced)
+                meta["files"][name] = digest
+        if src_b.start_states:
+            starts = {k: torch.as_tensor(v) for k, v in src_b.start_states.items()}
+            name, digest = write_new_file(dst, "start_states", starts, referenced)
+            meta["files"][name] = digest
+        meta["weights_dtype"] = "float16" if half else "float32"
+        _atomic_json(dst / "config.json", meta)
+        remove_unreferenced_files(dst, meta["files"])
+        for extra in ("metrics.csv",):
+            if (src / extra).is_file():
+                write_atomically(dst / extra, (src / extra).read_bytes())
     return dst
 
+
+def _referenced_files(directory: Path) -> list[str]:
+    """The files the config.json in `directory` lists, as far as it can be read (a damaged or missing one
+    protects nothing: nothing there loads)."""
+    try:
+        files = json.loads((directory / "config.json").read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [name for name in files if isinstance(name, str)] if isinstance(files, dict) else []

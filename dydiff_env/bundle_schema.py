@@ -27,6 +27,11 @@ FORMAT_VERSION = 1
 MODEL_FILES = {"diffusion": "diffusion.safetensors", "dynamics": "dynamics.safetensors",
                "reward": "reward.safetensors", "bc": "bc.safetensors"}
 START_STATES_FILE = "start_states.safetensors"
+# New weights never overwrite a file that config.json references (the previous state must stay loadable until
+# config.json is replaced), so a file can also carry the first 8 hex digits of its sha256: dynamics.1a2b3c4d.safetensors
+FILE_KINDS = {**{kind: name.removesuffix(".safetensors") for kind, name in MODEL_FILES.items()},
+              "start_states": START_STATES_FILE.removesuffix(".safetensors")}
+BUNDLE_FILE_NAME = re.compile(rf"({'|'.join(FILE_KINDS.values())})(?:\.([0-9a-f]{{8}}))?\.safetensors")
 
 # Limits on what a config may ask to build. They are far above every preset (the paper's U-Net has 61 M
 # parameters) and far below the gigabytes that a few hostile numbers in config.json could otherwise allocate.
@@ -275,6 +280,9 @@ OPTIONAL_FIELDS: dict[str, Check] = {
     "dataset_episodes": integer(0),
     "dataset_mean_return": number(),
     "weights_dtype": lambda v: None if v in WEIGHT_DTYPES else f"must be one of {sorted(WEIGHT_DTYPES)}, got {show(v)}",
+    # models that a training run started and has not yet written into the bundle (`train --resume` goes on)
+    "in_training": lambda v: None if isinstance(v, list) and all(k in MODEL_FILES for k in v) and len(set(v)) == len(v)
+    else f"must be a list of distinct model kinds {list(MODEL_FILES)}, got {show(v)}",
 }
 
 
@@ -315,18 +323,48 @@ def check_normalization(norm: Any, obs_dim: int, act_dim: int, where: Any) -> No
                      f"finite float32 margin, got {show(norm[f'{prefix}.high'])}")
 
 
+def file_kind(name: str) -> str | None:
+    """The kind of bundle file a name holds ('dynamics', ..., 'start_states'), or None for any other name."""
+    match = BUNDLE_FILE_NAME.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        return None
+    return next(kind for kind, stem in FILE_KINDS.items() if stem == match.group(1))
+
+
+def plain_file_name(kind: str) -> str:
+    return f"{FILE_KINDS[kind]}.safetensors"
+
+
+def tagged_file_name(kind: str, sha256: str) -> str:
+    """The name of a file of `kind` tagged with its content (see FILE_KINDS)."""
+    return f"{FILE_KINDS[kind]}.{sha256[:8]}.safetensors"
+
+
+def files_by_kind(files: dict) -> dict[str, str]:
+    """Kind -> file name of a checked `files` entry (check_files allows one file per kind)."""
+    return {file_kind(name): name for name in files if file_kind(name) is not None}
+
+
 def check_files(files: Any, where: Any) -> None:
     """`files` maps the bundle's own file names to their sha256. Only these names are ever opened (inside the
     bundle directory), so a name with a path in it is refused rather than ignored."""
     known = [*MODEL_FILES.values(), START_STATES_FILE]
     if not isinstance(files, dict):
         fail(where, "files", f"must be a JSON object mapping file names to sha256 digests, got {show(files)}")
-    unknown = sorted(set(files) - set(known))
+    unknown = sorted(name for name in files if file_kind(name) is None)
     if unknown:
-        fail(where, "files", f"names unknown files {show(unknown)}; a bundle holds only {known}")
+        fail(where, "files", f"names unknown files {show(unknown)}; a bundle holds only {known} (or these names "
+             "with 8 hex digits of the file's sha256 before .safetensors)")
     for name, digest in files.items():
         if not (isinstance(digest, str) and SHA256.fullmatch(digest)):
             fail(where, f"files['{name}']", f"must be a sha256 digest (64 lowercase hex digits), got {show(digest)}")
+        tag = BUNDLE_FILE_NAME.fullmatch(name).group(2)
+        if tag is not None and not digest.startswith(tag):
+            fail(where, f"files['{name}']", f"must start with the file name's tag {tag}, got {show(digest)}")
+    for kind in FILE_KINDS:
+        names = sorted(name for name in files if file_kind(name) == kind)
+        if len(names) > 1:
+            fail(where, "files", f"names {len(names)} files for {kind} ({show(names)}); a bundle holds one")
 
 
 def check_models(models: Any, files: dict, dynamics: DynamicsConfig, where: Any) -> None:
@@ -340,7 +378,7 @@ def check_models(models: Any, files: dict, dynamics: DynamicsConfig, where: Any)
     for kind, summary in models.items():
         if not isinstance(summary, dict):
             fail(where, f"models.{kind}", f"must be a JSON object (the model's training summary), got {show(summary)}")
-        if MODEL_FILES[kind] not in files:
+        if kind not in files_by_kind(files):
             fail(where, "files", f"has no sha256 for {MODEL_FILES[kind]}, which models.{kind} needs")
     elites = models.get("dynamics", {}).get("elites")
     if elites is not None and not (isinstance(elites, list) and len(elites) == dynamics.num_elites

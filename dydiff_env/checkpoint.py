@@ -27,9 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from .writers import write_atomically
+
 FORMAT = "dydiff-env-state"
 FORMAT_VERSION = 1
 _META_KEY = "dydiff_env_meta"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable dydiff-env checkpoint (truncated, damaged, another format)."""
 
 
 def flatten_state(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
@@ -120,51 +126,38 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
     """Atomically write `state` (see `flatten_state`) as one safetensors file at `path`."""
     from safetensors.torch import save
 
-    path = os.fspath(path)
     tensors, meta = flatten_state(state)
     header = {_META_KEY: json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "state": meta},
                                     allow_nan=False)}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        payload = save(tensors, metadata=header)
-        with open(tmp, "wb") as f:  # plain open() so the file gets the usual umask permissions
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())  # the data must be on disk before the rename makes it the checkpoint
-        del payload
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    try:  # make the rename itself durable; not every filesystem allows fsync on a directory
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomically(path, save(tensors, metadata=header))
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None) -> Any:
-    """Read a file written by `save_checkpoint`; tensors land on `device` (default CPU)."""
-    from safetensors import safe_open
+    """Read a file written by `save_checkpoint`; tensors land on `device` (default CPU). A file that is not a
+    readable checkpoint raises `CheckpointError` (a missing one `FileNotFoundError`)."""
+    from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with safe_open(path, framework="pt", device="cpu") as f:
-        header = f.metadata() or {}
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    if _META_KEY not in header:
-        raise ValueError(f"{path} is a safetensors file but not a dydiff-env checkpoint (no '{_META_KEY}' metadata)")
-    payload = json.loads(header[_META_KEY])
-    if payload.get("format") != FORMAT or payload.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported checkpoint format {payload.get('format')!r} "
-                         f"version {payload.get('version')!r} (expected {FORMAT!r} version {FORMAT_VERSION})")
-    return unflatten_state(tensors, payload["state"], device=device)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if _META_KEY not in header:
+            raise CheckpointError(f"{path} is a safetensors file but not a dydiff-env checkpoint "
+                                  f"(no '{_META_KEY}' metadata)")
+        payload = json.loads(header[_META_KEY])
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != FORMAT_VERSION:
+            found = payload if not isinstance(payload, dict) else (payload.get("format"), payload.get("version"))
+            raise CheckpointError(f"{path}: unsupported checkpoint format {found!r} "
+                                  f"(expected {FORMAT!r} version {FORMAT_VERSION})")
+        return unflatten_state(tensors, payload["state"], device=device)
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:  # a truncated or damaged file
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
 
 
 def checkpoint_exists(path: str | os.PathLike) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass
 
@@ -115,10 +116,8 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_collect(args) -> int:
-    import torch
-
     from .behaviour import GaussianActor, load_shipped_actor
-    from .data import collect_episodes, load_dataset, write_minari_dataset
+    from .data import dataset_lock
     from .tasks import get_task
 
     _set_threads(args.threads)
@@ -141,6 +140,17 @@ def cmd_collect(args) -> int:
         task = get_task(p.task)
         actors = [(name, None if name == "random" else load_shipped_actor(p.task, name)) for name in p.actors]
         dataset_id, description, num_steps = args.dataset_id or p.dataset_id, p.description, args.steps or p.num_steps
+    # one writer per dataset id, and a refusal before the collection rather than after it
+    with dataset_lock(dataset_id):
+        return collect_and_write(args, task, actors, dataset_id, description, num_steps)
+
+
+def collect_and_write(args, task, actors: list, dataset_id: str, description: str, num_steps: int) -> int:
+    import torch
+
+    from .data import collect_episodes, load_dataset, refuse_existing_dataset, write_minari_dataset
+
+    refuse_existing_dataset(dataset_id, args.overwrite)
     generator = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     buffers = []
@@ -178,7 +188,8 @@ def cmd_train(args) -> int:
         config.diffusion.train_steps = args.diffusion_steps
     data = load_dataset(args.dataset)
     kinds = list(MODEL_KINDS) if args.model == "all" else [args.model]
-    summaries = train_models(kinds, data, args.out, config, device=args.device, resume=args.resume)
+    summaries = train_models(kinds, data, args.out, config, device=args.device, resume=args.resume,
+                             overwrite=args.overwrite)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "teacher_forced_state_error"}
                       for k, v in summaries.items()}, indent=1))
     return 0
@@ -236,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", default="Hopper-v5", help="env of --actor")
     p.add_argument("--deterministic", action="store_true", help="mean actions instead of sampling (D4RL samples)")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset of the same id")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch intra-op threads (default 1: one observation at a time gains nothing from more, and "
                         "two threads slow to a crawl when another job shares a 2-core machine)")
@@ -247,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=DEFAULT_DATASET_ID, help="Minari dataset id")
     p.add_argument("--out", required=True, help="bundle directory")
     p.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "paper"])
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the models --out holds intact (sha256 checked) and continue the others from their checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace models of another architecture (another --preset) than the bundle in --out records")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", type=torch_device, default="cpu")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -290,14 +304,20 @@ def error_line(err: BaseException) -> str:
     return f"error: {message}"
 
 
+TRACEBACK_VARIABLE = "DYDIFF_ENV_TRACEBACK"  # set to 1 to see the traceback of an unexpected error
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .bundle import BundleError
+    from .checkpoint import CheckpointError
     from .data import DatasetNotFoundError
+    from .writers import LockedError
 
     try:
         return args.func(args)
-    except (BundleError, DatasetNotFoundError, OSError) as err:  # a bad bundle, dataset or path
+    except (BundleError, CheckpointError, DatasetNotFoundError, LockedError, OSError) as err:
+        # a bad bundle, checkpoint, dataset or path, or another writer in the way
         print(error_line(err), file=sys.stderr)
         return 1
     except (ValueError, TypeError) as err:  # arguments refused further down (an unknown env id, a bad actor file)
@@ -306,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; continue with the same command and --resume", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug: still one line, with the way to the traceback
+        if os.environ.get(TRACEBACK_VARIABLE):
+            raise
+        print(f"{error_line(err)} ({type(err).__name__}, unexpected: please report it; set {TRACEBACK_VARIABLE}=1 "
+              "to see the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

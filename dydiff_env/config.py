@@ -142,6 +142,35 @@ class TrainConfig:
         return cls(**kwargs)
 
 
+# The fields that decide a model's weights' shapes and meaning: a model trained with other values is another
+# model, which a bundle (one config.json section per model) must not take without --overwrite.
+ARCHITECTURE_FIELDS = {
+    "diffusion": ("horizon", "channels", "kernel_size", "sigma_data"),
+    "dynamics": ("ensemble_size", "num_elites", "hidden"),
+    "reward": ("hidden",),
+    "bc": ("hidden",),
+}
+
+
+def architecture(section, kind: str) -> dict:
+    """The architecture fields of one model's configuration (`TrainConfig.dynamics`, ...); lists as tuples,
+    so that a configuration read from JSON compares equal to the one it was written from."""
+    values = {name: getattr(section, name) for name in ARCHITECTURE_FIELDS[kind]}
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in values.items()}
+
+
+def architecture_changes(recorded: TrainConfig, requested: TrainConfig, kind: str) -> dict[str, tuple]:
+    """Architecture field -> (recorded value, requested value) for the fields of `kind` that differ."""
+    old, new = architecture(getattr(recorded, kind), kind), architecture(getattr(requested, kind), kind)
+    return {name: (old[name], new[name]) for name in old if old[name] != new[name]}
+
+
+def describe_architecture_changes(changes: dict[str, dict[str, tuple]]) -> str:
+    """'diffusion (horizon 64 -> 16, channels (32, 64) -> (16, 32)), reward (...)' for messages."""
+    return ", ".join(f"{kind} ({', '.join(f'{name} {old} -> {new}' for name, (old, new) in fields.items())})"
+                     for kind, fields in changes.items())
+
+
 def _preset_paper() -> TrainConfig:
     return TrainConfig()
 

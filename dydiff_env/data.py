@@ -15,11 +15,13 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .tasks import get_task
+from .writers import WriterLock
 
 
 # The dataset `dydiff-env collect hopper-medium` writes and the shipped bundle was trained on. The version was
@@ -290,15 +292,30 @@ def collect_episodes(env_id: str, policy: Callable[[np.ndarray], np.ndarray], nu
     return buffers
 
 
-def write_minari_dataset(dataset_id: str, env_id: str, buffers: list, description: str = "",
-                         algorithm_name: str = "", overwrite: bool = False):
-    """Write episode buffers as a Minari dataset with the task's reference scores."""
+def dataset_lock(dataset_id: str) -> WriterLock:
+    """The lock of one dataset id, held while it is collected and written (`dydiff-env collect`). It lives in a
+    hidden directory of MINARI_DATASETS_PATH, which Minari does not read as a dataset namespace."""
+    file = dataset_id.replace("/", "--") + ".lock"  # one flat file per id, always inside the lock directory
+    return WriterLock(Path(datasets_path()) / ".dydiff-env-locks" / file, f"Minari dataset '{dataset_id}'")
+
+
+def refuse_existing_dataset(dataset_id: str, overwrite: bool) -> None:
+    """Raise FileExistsError if the dataset exists and may not be replaced (checked before collecting)."""
     import minari
 
+    if not overwrite and dataset_id in minari.list_local_datasets():
+        raise FileExistsError(f"Minari dataset '{dataset_id}' already exists in {datasets_path()}; "
+                              "pass --overwrite to replace it")
+
+
+def write_minari_dataset(dataset_id: str, env_id: str, buffers: list, description: str = "",
+                         algorithm_name: str = "", overwrite: bool = False):
+    """Write episode buffers as a Minari dataset with the task's reference scores. A writer that may run
+    beside another one on the same id holds `dataset_lock(dataset_id)` around this (the CLI does)."""
+    import minari
+
+    refuse_existing_dataset(dataset_id, overwrite)
     if dataset_id in minari.list_local_datasets():
-        if not overwrite:
-            raise FileExistsError(f"Minari dataset '{dataset_id}' already exists in {datasets_path()}; "
-                                  "pass --overwrite to replace it")
         minari.delete_dataset(dataset_id)
     task = get_task(env_id)
     return minari.create_dataset_from_buffers(

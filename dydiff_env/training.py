@@ -2,8 +2,11 @@
 
 `train_models(kinds, data, out_dir, config)` is what `dydiff-env train` calls. Each model trains in its own
 loop below; all loops checkpoint every `config.checkpoint_every_s` seconds into `out_dir/checkpoints/` and
-`resume=True` continues from there (a killed run loses at most one interval). A finished model is written
-into the bundle directory and marked done, so `train all --resume` skips it.
+`resume=True` continues from there (a killed run loses at most one interval). A finished model is committed
+into the bundle directory (`bundle.BundleWriter`, which holds the directory's lock for the whole run), so
+`train all --resume` skips it, unless its file no longer has the sha256 that config.json records or a later
+run started retraining it: those are trained again. A model of another architecture than the bundle records
+replaces the bundle's only with `overwrite=True` (`--overwrite`).
 
 Fix to the reference: early stopping restores the best holdout weights (per ensemble member).
 """
@@ -12,10 +15,11 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,10 +28,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import bundle as bundle_io
-from .checkpoint import checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import DiffusionConfig, DynamicsConfig, MLPConfig, TrainConfig
+from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import DiffusionConfig, DynamicsConfig, MLPConfig, TrainConfig, architecture
 from .data import Normalizer, OfflineData, TrajectoryWindows
 from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion, edm_sample
+from .writers import remove_stale_temporaries, write_atomically
 
 MODEL_KINDS = ("dynamics", "reward", "bc", "diffusion")
 
@@ -42,20 +47,45 @@ class RunContext:
     progress: bool = True
     # called after every checkpoint with the model name; tests use it to simulate a kill mid-run
     on_checkpoint: Callable[[str], None] | None = None
+    overwrite: bool = False  # a checkpoint of another architecture is ignored instead of refused
+    # training time of one model: of the runs before the checkpoint this run resumed from, and of this run
+    earlier_seconds: float = 0.0
+    started: float = field(default_factory=time.monotonic)
 
     def checkpoint_path(self, name: str) -> Path:
         return self.out_dir / "checkpoints" / f"{name}.safetensors"
 
+    def train_seconds(self) -> float:
+        return self.earlier_seconds + time.monotonic() - self.started
+
+
+METRICS_COLUMNS = ["time", "model", "step", "metric", "value"]
+
+
+def parse_metrics_rows(text: str) -> list[list[str]]:
+    """The data rows of metrics.csv; a row that a kill cut short (or anything else malformed) is dropped."""
+    rows = list(csv.reader(text.splitlines()))[1:]
+    return [row for row in rows if len(row) == len(METRICS_COLUMNS) and row[2].isdigit()]
+
+
+def without_duplicates(rows: list[list[str]]) -> list[list[str]]:
+    """One row per (model, step, metric): the last one written, in the order they were written."""
+    last = {(row[1], row[2], row[3]): i for i, row in enumerate(rows)}
+    return [row for i, row in enumerate(rows) if last[(row[1], row[2], row[3])] == i]
+
 
 class MetricsLog:
-    """Appends rows to `out_dir/metrics.csv` (columns: time, model, step, metric, value)."""
+    """Appends rows to `out_dir/metrics.csv` (columns: time, model, step, metric, value).
+
+    A resumed model's rows after its checkpoint are dropped (the resumed run writes them again), and a model
+    trained afresh drops all its earlier rows, so the file holds one row per (model, step, metric)."""
 
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             with open(path, "w", newline="") as f:
-                csv.writer(f).writerow(["time", "model", "step", "metric", "value"])
+                csv.writer(f).writerow(METRICS_COLUMNS)
 
     def log(self, model: str, step: int, **metrics: float) -> None:
         now = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -63,6 +93,23 @@ class MetricsLog:
             writer = csv.writer(f)
             for key, value in metrics.items():
                 writer.writerow([now, model, step, key, f"{float(value):.6g}"])
+
+    def rows(self) -> list[list[str]]:
+        return parse_metrics_rows(self.path.read_text())
+
+    def rewrite(self, rows: list[list[str]]) -> None:
+        lines = io.StringIO()
+        csv.writer(lines).writerows([METRICS_COLUMNS, *rows])
+        write_atomically(self.path, lines.getvalue().encode())
+
+    def forget_after(self, model: str, step: int) -> None:
+        """Drop `model`'s rows after `step` (all of them for step 0) and any duplicates."""
+        self.rewrite(without_duplicates([row for row in self.rows() if row[1] != model or int(row[2]) <= step]))
+
+    def drop_duplicates(self) -> None:
+        """Keep the last of rows logged twice at one step (the final evaluation of a model whose last
+        checkpoint was written just before it, when that run was killed and resumed)."""
+        self.rewrite(without_duplicates(self.rows()))
 
 
 class BestWeights:
@@ -110,15 +157,58 @@ def _holdout_split(data: OfflineData, fraction: float, max_holdout: int, seed: i
     return train_rows, np.sort(hold_rows)
 
 
+def state_dict_mismatch(saved, expected: dict[str, torch.Tensor]) -> str | None:
+    """How a checkpoint's model weights differ from the model being trained, or None when they fit."""
+    if not isinstance(saved, dict):
+        return "it holds no model weights"
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        return f"tensors missing {missing[:3]}, unexpected {unexpected[:3]}"
+    shapes = [f"{k} {tuple(saved[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+              if not isinstance(saved[k], torch.Tensor) or saved[k].shape != v.shape]
+    return "; ".join(shapes[:3]) or None
+
+
+def load_resume_state(name: str, model: torch.nn.Module, keys: tuple[str, ...], model_architecture: dict,
+                      ctx: RunContext) -> dict | None:
+    """The checkpoint state to continue `name` from, or None to start afresh (no --resume, no checkpoint, or
+    one of another architecture with --overwrite). A checkpoint that cannot be read, or that was written for
+    another architecture, raises a `CheckpointError` that says what to do. Sets the time trained so far.
+
+    The architecture is compared as recorded in the checkpoint (older checkpoints lack it) and by the weights'
+    shapes (some fields, such as sigma_data, change no shape)."""
+    path = ctx.checkpoint_path(name)
+    if not (ctx.resume and checkpoint_exists(path)):
+        return None
+    advice = f"delete it to train {name} afresh, or run without --resume"
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; {advice}") from err
+    absent = [key for key in keys if not isinstance(state, dict) or key not in state]
+    problem = f"it lacks {absent}" if absent else state_dict_mismatch(state["model"], model.state_dict())
+    if problem is None and state.get("architecture", model_architecture) != model_architecture:
+        problem = f"architecture {state['architecture']} != {model_architecture}"
+    if problem is None:
+        ctx.earlier_seconds = float(state.get("train_seconds", 0.0))
+        return state
+    if ctx.overwrite:
+        print(f"[train] {name}: checkpoint {path} is of another model ({problem}); starting afresh (--overwrite)")
+        return None
+    raise CheckpointError(f"checkpoint {path} was not written for the {name} model being trained, whose "
+                          f"architecture is {model_architecture} ({problem}); {advice}")
+
+
 def fit_supervised(name: str, model: torch.nn.Module, members: int,
                    batch_loss: Callable[[torch.Tensor], torch.Tensor],
                    holdout_loss: Callable[[], torch.Tensor],
                    train_rows: np.ndarray, cfg, optimizer: torch.optim.Optimizer,
-                   ctx: RunContext, metrics: MetricsLog) -> dict:
+                   ctx: RunContext, metrics: MetricsLog, model_architecture: dict | None = None) -> dict:
     """Epochs of minibatch steps (each member draws its own batch of train rows) and holdout early stopping.
 
     Stops after `cfg.patience` epochs in which no member improved by 1 %, or at `cfg.max_epochs`, and then
     restores every member's best holdout weights. Returns {"holdout_loss": per-member best, "epochs": n}.
+    `model_architecture` (`config.architecture`) is stored in the checkpoints and checked on resume.
     """
     steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(len(train_rows) / cfg.batch_size))
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -126,17 +216,21 @@ def fit_supervised(name: str, model: torch.nn.Module, members: int,
     best = BestWeights(model, members)
     epoch, stale = 0, 0
     ckpt = ctx.checkpoint_path(name)
-    if ctx.resume and checkpoint_exists(ckpt):
-        state = load_checkpoint(ckpt)
+    model_architecture = model_architecture or {}
+    state = load_resume_state(name, model, ("model", "optimizer", "best", "epoch", "stale", "rng"),
+                              model_architecture, ctx)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         best.load_state_dict(state["best"])
         epoch, stale = state["epoch"], state["stale"]
         set_rng_state(state["rng"], generator, rng)
+    metrics.forget_after(name, epoch)
 
     def save():
         save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best.state_dict(),
-                               "epoch": epoch, "stale": stale, "rng": rng_state(generator, rng)})
+                               "epoch": epoch, "stale": stale, "rng": rng_state(generator, rng),
+                               "train_seconds": ctx.train_seconds(), "architecture": model_architecture})
         if ctx.on_checkpoint:
             ctx.on_checkpoint(name)
 
@@ -192,7 +286,7 @@ def train_dynamics(data: OfflineData, cfg: DynamicsConfig, ctx: RunContext, metr
         return model.holdout_mse(obs[hold_t], act[hold_t], nxt[hold_t])
 
     summary = fit_supervised("dynamics", model, cfg.ensemble_size, batch_loss, holdout_loss, train_rows, cfg,
-                             optimizer, ctx, metrics)
+                             optimizer, ctx, metrics, architecture(cfg, "dynamics"))
     member_mse = model.holdout_mse(obs[hold_t], act[hold_t], nxt[hold_t]).cpu().numpy()
     model.set_elites(member_mse)
     summary["elites"] = model.elites.tolist()
@@ -211,7 +305,8 @@ def train_reward(data: OfflineData, cfg: MLPConfig, ctx: RunContext, metrics: Me
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     summary = fit_supervised(
         "reward", model, 1, lambda idx: model.loss(obs[idx[0].to(dev)], act[idx[0].to(dev)], rew[idx[0].to(dev)]),
-        lambda: model.holdout_mse(obs[hold_t], act[hold_t], rew[hold_t]), train_rows, cfg, optimizer, ctx, metrics)
+        lambda: model.holdout_mse(obs[hold_t], act[hold_t], rew[hold_t]), train_rows, cfg, optimizer, ctx, metrics,
+        architecture(cfg, "reward"))
     summary["holdout_mse"] = summary["holdout_loss"][0]
     summary["reward_std"] = float(data.rewards.std())
     return model, summary
@@ -229,7 +324,8 @@ def train_bc(data: OfflineData, cfg: MLPConfig, ctx: RunContext, metrics: Metric
     # early stopping on the holdout negative log-likelihood (the training objective)
     summary = fit_supervised(
         "bc", model, 1, lambda idx: model.loss(obs[idx[0].to(dev)], act[idx[0].to(dev)]),
-        lambda: model.loss(obs[hold_t], act[hold_t]).detach().reshape(1), train_rows, cfg, optimizer, ctx, metrics)
+        lambda: model.loss(obs[hold_t], act[hold_t]).detach().reshape(1), train_rows, cfg, optimizer, ctx, metrics,
+        architecture(cfg, "bc"))
     summary["holdout_nll"] = summary["holdout_loss"][0]
     summary["holdout_action_mse"] = float(model.holdout_mse(obs[hold_t], act[hold_t])[0])
     return model, summary
@@ -274,18 +370,22 @@ def train_diffusion(data: OfflineData, cfg: DiffusionConfig, sampler, ctx: RunCo
     rng = np.random.default_rng(ctx.seed)
     step = 0
     ckpt = ctx.checkpoint_path("diffusion")
-    if ctx.resume and checkpoint_exists(ckpt):
-        state = load_checkpoint(ckpt)
+    model_architecture = architecture(cfg, "diffusion")
+    state = load_resume_state("diffusion", model, ("model", "ema", "optimizer", "scheduler", "step", "rng"),
+                              model_architecture, ctx)
+    if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         set_rng_state(state["rng"], generator, rng)
+    metrics.forget_after("diffusion", step)
 
     def save():
         save_checkpoint(ckpt, {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(generator, rng)})
+                               "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(generator, rng),
+                               "train_seconds": ctx.train_seconds(), "architecture": model_architecture})
         if ctx.on_checkpoint:
             ctx.on_checkpoint("diffusion")
 
@@ -350,37 +450,79 @@ def train_diffusion(data: OfflineData, cfg: DiffusionConfig, sampler, ctx: RunCo
 
 def train_models(kinds: list[str], data: OfflineData, out_dir: str | os.PathLike, config: TrainConfig,
                  device: str | torch.device = "cpu", resume: bool = False, progress: bool = True,
-                 on_checkpoint: Callable[[str], None] | None = None) -> dict:
+                 on_checkpoint: Callable[[str], None] | None = None, overwrite: bool = False) -> dict:
     """Train the requested models on `data` and write them into the bundle directory `out_dir`.
 
-    The bundle's config.json is rewritten after every model, so a bundle is usable (for the models it has)
-    at any point. Returns the per-model summaries.
+    Holds the directory's lock for the whole run (a second writer is refused with `writers.LockedError`).
+    Every finished model is committed at once (weights, then config.json), so a bundle is usable (for the
+    models it has) at any point. `resume`: skip the models the bundle holds intact and continue the others
+    from their checkpoints. `overwrite`: allow models of another architecture than the bundle records (else
+    `BundleError`). Returns the per-model summaries.
     """
     unknown = set(kinds) - set(MODEL_KINDS)
     if unknown:
         raise ValueError(f"unknown model kinds {sorted(unknown)}; choose from {MODEL_KINDS} or 'all'")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(out, torch.device(device), config.seed, resume, config.checkpoint_every_s, progress, on_checkpoint)
-    metrics = MetricsLog(out / "metrics.csv")
+    requested = [k for k in MODEL_KINDS if k in kinds]
     torch.manual_seed(config.seed)
-    writer = bundle_io.BundleWriter(out, data, config)
-    summaries = {}
-    for kind in [k for k in MODEL_KINDS if k in kinds]:
-        if resume and writer.has_model(kind):
-            print(f"[train] {kind}: already in {out}, skipped (--resume)")
-            continue
-        start = time.monotonic()
-        if kind == "dynamics":
-            model, summary = train_dynamics(data, config.dynamics, ctx, metrics)
-        elif kind == "reward":
-            model, summary = train_reward(data, config.reward, ctx, metrics)
-        elif kind == "bc":
-            model, summary = train_bc(data, config.bc, ctx, metrics)
-        else:
-            model, summary = train_diffusion(data, config.diffusion, config.sampler, ctx, metrics)
-        summary["train_seconds"] = round(time.monotonic() - start, 1)
-        writer.add_model(kind, model, summary)
-        summaries[kind] = summary
-        print(f"[train] {kind}: done in {summary['train_seconds']} s; holdout {summary.get('holdout_loss')}")
+    ctx = RunContext(out, torch.device(device), config.seed, resume, config.checkpoint_every_s, progress,
+                     on_checkpoint, overwrite)
+    with bundle_io.BundleWriter(out, data, config) as writer:
+        remove_stale_temporaries(out / "checkpoints")
+        if not overwrite:
+            writer.refuse_architecture_changes(requested, config)
+        todo = models_to_train(writer, requested, config, resume)
+        if not resume:  # they belong to earlier runs; a later --resume of this one must not continue them
+            for kind in todo:
+                ctx.checkpoint_path(kind).unlink(missing_ok=True)
+        writer.start_training(todo)
+        metrics = MetricsLog(out / "metrics.csv")
+        summaries = {}
+        for kind in todo:
+            kind_ctx = replace(ctx, earlier_seconds=0.0, started=time.monotonic())
+            model, summary = train_one(kind, data, config, kind_ctx, metrics)
+            metrics.drop_duplicates()
+            summary["train_seconds"] = round(kind_ctx.train_seconds(), 1)
+            writer.add_model(kind, model, summary, recorded_config(kind, config, summary))
+            summaries[kind] = summary
+            print(f"[train] {kind}: done in {summary['train_seconds']} s; holdout {summary.get('holdout_loss')}")
     return summaries
+
+
+def models_to_train(writer, kinds: list[str], config: TrainConfig, resume: bool) -> list[str]:
+    """All of `kinds`, or with `resume` those the bundle lacks, holds damaged (sha256 differs from
+    config.json), or that an earlier run started to replace; says why each one is skipped or retrained."""
+    if not resume:
+        return list(kinds)
+    changed = writer.architecture_changes(kinds, config)  # allowed here only with --overwrite
+    todo = []
+    for kind in kinds:
+        if kind in changed or kind in writer.in_training:
+            todo.append(kind)
+        elif writer.has_intact_model(kind):
+            print(f"[train] {kind}: already in {writer.dir}, skipped (--resume)")
+        else:
+            if writer.has_model(kind):
+                print(f"[train] {kind}: {writer.model_file(kind).name} does not match its sha256 in config.json; "
+                      "training it again")
+            todo.append(kind)
+    return todo
+
+
+def train_one(kind: str, data: OfflineData, config: TrainConfig, ctx: RunContext,
+              metrics: MetricsLog) -> tuple[torch.nn.Module, dict]:
+    if kind == "dynamics":
+        return train_dynamics(data, config.dynamics, ctx, metrics)
+    if kind == "reward":
+        return train_reward(data, config.reward, ctx, metrics)
+    if kind == "bc":
+        return train_bc(data, config.bc, ctx, metrics)
+    return train_diffusion(data, config.diffusion, config.sampler, ctx, metrics)
+
+
+def recorded_config(kind: str, config: TrainConfig, summary: dict) -> TrainConfig:
+    """The configuration config.json records for a trained model: the diffusion steps it actually took (a
+    resume with another --diffusion-steps ends where that run ends, or at the checkpoint's step if later)."""
+    if kind != "diffusion":
+        return config
+    return replace(config, diffusion=replace(config.diffusion, train_steps=summary["steps"]))
