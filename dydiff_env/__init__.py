@@ -16,6 +16,7 @@ from .config import DiffusionConfig, DynamicsConfig, EnvConfig, FilterConfig, Sa
 from .data import DatasetNotFoundError, OfflineData, load_dataset
 from .env import DydiffEnv, DydiffSingleEnv, shipped_bundle_path
 from .policies import as_policy
+from .render import choose_gl_backend
 from .rollout import PolicyError, RolloutResult, behaviour_policy, dydiff_rollout
 from .tasks import TASKS, get_task
 
@@ -36,6 +37,8 @@ def _register() -> None:
 
 
 _register()
+# a headless machine renders through EGL: set before any MuJoCo renderer is made, the user's own included
+choose_gl_backend()
 
 __all__ = [
     "Bundle", "BundleError", "DatasetNotFoundError", "DiffusionConfig", "DydiffEnv", "DydiffSingleEnv",
