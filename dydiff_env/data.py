@@ -290,15 +290,28 @@ def collect_episodes(env_id: str, policy: Callable[[np.ndarray], np.ndarray], nu
     return buffers
 
 
+def dataset_exists(dataset_id: str) -> bool:
+    """Whether a local Minari dataset has this id."""
+    import minari
+
+    return dataset_id in minari.list_local_datasets()
+
+
+def refuse_existing_dataset(dataset_id: str) -> None:
+    """Raise FileExistsError when `dataset_id` exists: check before collecting, not after."""
+    if dataset_exists(dataset_id):
+        raise FileExistsError(f"Minari dataset '{dataset_id}' already exists in {datasets_path()}; "
+                              "pass --overwrite to replace it")
+
+
 def write_minari_dataset(dataset_id: str, env_id: str, buffers: list, description: str = "",
                          algorithm_name: str = "", overwrite: bool = False):
     """Write episode buffers as a Minari dataset with the task's reference scores."""
     import minari
 
-    if dataset_id in minari.list_local_datasets():
-        if not overwrite:
-            raise FileExistsError(f"Minari dataset '{dataset_id}' already exists in {datasets_path()}; "
-                                  "pass --overwrite to replace it")
+    if not overwrite:
+        refuse_existing_dataset(dataset_id)
+    elif dataset_exists(dataset_id):
         minari.delete_dataset(dataset_id)
     task = get_task(env_id)
     return minari.create_dataset_from_buffers(
