@@ -45,6 +45,10 @@ actions of the wrong shape raise `ValueError`.
 `step` and `reset` are atomic: the next state, re-plans included, is built beside the current one and
 replaces it only when the call succeeds; the random generators and counters are restored when anything
 raises (a policy handle failing during a re-plan, say), so the env is exactly as it was before the call.
+
+Rendering (`render_mode="rgb_array"` or `"human"`): each sub-env's observation is drawn through one real MuJoCo
+env of the task (`dydiff_env.render`); the root's x position, which observations leave out, is integrated from
+the observed x velocity since the episode's start and kept with the rest of the state (`EnvState.x_position`).
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ from gymnasium.vector.utils import batch_space
 from .bundle import Bundle, BundleError, load_bundle
 from .config import EnvConfig, FilterConfig
 from .policies import as_policy
-from .render import DEFAULT_SIZE, RENDER_MODES, StateRenderer, check_render_mode, integrate_x
+from .render import DEFAULT_SIZE, RENDER_MODES, StateRenderer, available_render_modes, check_render_mode, integrate_x
 from .rollout import RolloutResult, behaviour_policy, call_policy, dydiff_rollout, filter_trajectories
 from .tasks import get_task
 
@@ -208,7 +212,7 @@ class DydiffEnv(gym.vector.VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self.autoreset_mode = AutoresetMode(cfg.autoreset_mode)
-        self.metadata = {"autoreset_mode": self.autoreset_mode, "render_modes": list(RENDER_MODES),
+        self.metadata = {"autoreset_mode": self.autoreset_mode, "render_modes": available_render_modes(),
                          "render_fps": self.task.render_fps}
         self.render_mode = render_mode
         self._renderer = None if render_mode is None else StateRenderer(self.task, render_mode, width, height)
@@ -670,7 +674,8 @@ class DydiffSingleEnv(gym.Env):
     """A single-environment `gymnasium.Env` view of `DydiffEnv` (what `gymnasium.make` returns). Keyword
     arguments are DydiffEnv's, `render_mode`, `width` and `height` included."""
 
-    metadata = {"render_modes": list(RENDER_MODES)}  # render_fps depends on the task: set per instance
+    # every mode the class supports; an instance lists those this machine can honour, with its task's render_fps
+    metadata = {"render_modes": list(RENDER_MODES)}
 
     def __init__(self, **kwargs):
         kwargs.pop("num_envs", None)
@@ -679,7 +684,7 @@ class DydiffSingleEnv(gym.Env):
         self.observation_space = self.vector_env.single_observation_space
         self.action_space = self.vector_env.single_action_space
         self.render_mode = self.vector_env.render_mode
-        self.metadata = {"render_modes": list(RENDER_MODES), "render_fps": self.vector_env.task.render_fps}
+        self.metadata = {"render_modes": available_render_modes(), "render_fps": self.vector_env.task.render_fps}
         self._needs_reset = True
 
     @property

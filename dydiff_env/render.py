@@ -47,6 +47,12 @@ def has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
+def available_render_modes() -> list[str]:
+    """The render modes this machine can honour ("human" needs a display): an env's metadata lists these, so
+    Gymnasium's `check_env` tries only what can work here."""
+    return [mode for mode in RENDER_MODES if mode != "human" or has_display()]
+
+
 def choose_gl_backend() -> str | None:
     """The OpenGL backend MuJoCo will use: `MUJOCO_GL` when set; else, on a machine without a display, "egl" or
     "osmesa", whichever library is installed (set in os.environ: MuJoCo reads it when it is first imported,

@@ -108,11 +108,14 @@ def test_render_without_a_mode_warns_and_returns_none(bundle):
         assert env.render() is None
 
 
-def test_metadata(bundle):
+@pytest.mark.parametrize("display", [True, False])
+def test_metadata_lists_the_modes_this_machine_can_honour(bundle, monkeypatch, display):
+    monkeypatch.setattr(render, "has_display", lambda: display)
+    modes = ["human", "rgb_array"] if display else ["rgb_array"]
     env = gym.make(ENV_ID, bundle=bundle)
-    assert env.metadata["render_modes"] == ["human", "rgb_array"] and env.metadata["render_fps"] == 125
+    assert env.metadata["render_modes"] == modes and env.metadata["render_fps"] == 125
     venv = DydiffEnv(2, bundle=bundle)
-    assert venv.metadata["render_modes"] == ["human", "rgb_array"] and venv.metadata["render_fps"] == 125
+    assert venv.metadata["render_modes"] == modes and venv.metadata["render_fps"] == 125
 
 
 # ----------------------------------------------------------------------------------------------------- frames
@@ -180,3 +183,27 @@ def test_adapters_pass_the_frames_on(bundle, gl_renderer):
     tianshou = make_tianshou_vec_env(2, bundle=bundle, render_mode="rgb_array", **SIZE, **FAST)
     tianshou.reset()
     assert [f.shape for f in tianshou.render()] == [(48, 64, 3)] * 2
+
+
+def test_human_mode_draws_sub_env_0_after_every_reset_and_step(bundle, monkeypatch):
+    """Wiring only (no window is opened): the frames go to the renderer, render() returns None."""
+    monkeypatch.setattr(render, "has_display", lambda: True)
+    env = DydiffEnv(2, bundle=bundle, render_mode="human", **FAST)
+    drawn = []
+    monkeypatch.setattr(env._renderer, "draw", lambda obs, x: drawn.append((obs.copy(), x)))
+    obs, _ = env.reset(seed=0)
+    obs, *_ = env.step(np.zeros((2, 3), np.float32))
+    assert env.render() is None and len(drawn) == 3
+    np.testing.assert_allclose(drawn[1][0], obs[0], rtol=1e-6)
+    assert drawn[1][1] == env._state.x_position[0]
+
+
+def test_check_env_renders(bundle, gl_renderer):
+    import warnings
+
+    from gymnasium.utils.env_checker import check_env
+
+    env = gym.make(ENV_ID, bundle=bundle, render_mode="rgb_array", **SIZE, **FAST)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*infinity.*")  # Hopper's observation space is unbounded
+        check_env(env.unwrapped)
