@@ -2,6 +2,8 @@
 
 - `ensure_dataset(id)` loads a local Minari dataset and, for the ids `dydiff-env collect` knows
   (dydiff/hopper/medium-v1, ...), collects it on first use with the shipped behaviour policy.
+- `refuse_existing_run(out, args, can_resume)` stops an example before any work when its run directory already
+  holds results and neither --overwrite nor (where the example can resume) --resume was given.
 - `dydiff_rollout_fn(env)` adapts a `DydiffEnv` to `OfflineTrainer`'s `rollout_fn`: every K gradient steps
   the trainer hands over its current actor, which becomes the env's policy handle for one batched rollout
   from dataset states; the filtered, termination-cut transitions go into the model buffer.
@@ -41,6 +43,22 @@ def default_run_dir(script: str, seed: int, real_only: bool = False) -> str:
     return os.path.join("runs", f"{script}-seed{seed}{'-nodydiff' if real_only else ''}")
 
 
+def run_results(out: str) -> list[str]:
+    """What a run directory already holds (its entries, sorted); empty when it does not exist."""
+    return sorted(os.listdir(out)) if os.path.isdir(out) else []
+
+
+def refuse_existing_run(out: str, args: argparse.Namespace, can_resume: bool) -> None:
+    """Exit with a one-line error when `out` holds results of an earlier run and the flags do not say what to do
+    with them: --overwrite (replace them) or, for an example that can resume, --resume (continue the run)."""
+    found = run_results(out)
+    if not found or args.overwrite or (can_resume and args.resume):
+        return
+    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    fix = "--overwrite to replace them or --resume to continue that run" if can_resume else "--overwrite to replace them"
+    raise SystemExit(f"error: the run directory {out} already holds results ({shown}); pass {fix}, or choose another --out")
+
+
 def dydiff_rollout_fn(env, start_states: str = "any") -> Callable:
     """`OfflineTrainer` rollout source backed by a `DydiffEnv` (see the module docstring); `start_states` is an
     `EnvConfig.start_states` mode."""
@@ -66,6 +84,9 @@ def add_shared_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-max-steps", type=int, default=None, help="cap evaluation episodes (default: 1000)")
     parser.add_argument("--out", default=None,
                         help="run directory (default: runs/<script>-seed<seed>, with -nodydiff for real-data-only runs)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a run directory that already holds results, replacing them (without it such a "
+                             "directory is refused before any work)")
     parser.add_argument("--iterations", type=int, default=2, help="DyDiff iterations M (0 = single-step model)")
     parser.add_argument("--sampler-steps", type=int, default=None, help="EDM sampler steps (default: the bundle's)")
 
@@ -85,7 +106,11 @@ def add_common_args(parser: argparse.ArgumentParser, steps: int, rollout_every: 
     parser.add_argument("--real-fraction", type=float, default=0.6)
     parser.add_argument("--eval-every", type=int, default=eval_every)
     parser.add_argument("--log-every", type=int, default=1_000, help="gradient steps between metrics rows")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--baseline", default=None,
+                        help="a real-data-only run directory whose scores the learning curve shows for reference "
+                             "(default: this script's --no-dydiff run of the same seed, when it exists)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its checkpoint (a fresh run when there is none)")
 
 
 def run_offline(name: str, make_agent: Callable[[OfflineData, str], object], args: argparse.Namespace) -> dict:
@@ -96,6 +121,10 @@ def run_offline(name: str, make_agent: Callable[[OfflineData, str], object], arg
 
     from .trainer import OfflineTrainer, TrainerConfig
 
+    out = args.out or default_run_dir(name, args.seed, real_only=args.no_dydiff)
+    if args.overwrite and args.resume:
+        raise SystemExit("error: --overwrite starts the run over and --resume continues it; pass one of them")
+    refuse_existing_run(out, args, can_resume=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     data = ensure_dataset(args.dataset, seed=args.seed)
@@ -106,12 +135,12 @@ def run_offline(name: str, make_agent: Callable[[OfflineData, str], object], arg
         if args.sampler_steps:
             env.sampler = replace(env.sampler, num_steps=args.sampler_steps)
         rollout_fn = dydiff_rollout_fn(env, args.start_states)
-    out = args.out or default_run_dir(name, args.seed, real_only=args.no_dydiff)
     config = TrainerConfig(total_steps=args.steps, real_fraction=args.real_fraction, rollout_every=args.rollout_every,
                            rollout_starts=args.rollout_starts, eval_every=args.eval_every,
                            eval_episodes=args.eval_episodes, eval_max_episode_steps=args.eval_max_steps,
                            log_every=args.log_every, seed=args.seed, device=args.device, out_dir=out,
-                           checkpoint_every=max(1, min(args.steps, 10_000)), overwrite=not args.resume)
+                           checkpoint_every=max(1, min(args.steps, 10_000)), overwrite=args.overwrite,
+                           baseline_dir=args.baseline or default_run_dir(name, args.seed, real_only=True))
     torch.manual_seed(args.seed)
     agent = make_agent(data, args.device)
     summary = OfflineTrainer(agent, data, config, rollout_fn).train(resume=args.resume)

@@ -14,7 +14,9 @@ return and the D4RL-normalised score are reported "on <env_id>". Outputs in `out
   evaluation; TensorBoard events in out_dir/tensorboard when `torch.utils.tensorboard` imports;
 - checkpoint.safetensors: agent (networks, optimizers, step), trainer step, evaluation history, numpy and torch RNG
   states; written atomically every `checkpoint_every` steps and at the end (see `dydiff_env.checkpoint`, no pickle);
-- learning_curve.png and summary.json at the end.
+- learning_curve.png and summary.json at the end. The curve shows each evaluation's mean with a band of +- 1 std
+  over its episodes, the dataset's own mean episode score, and, when `baseline_dir` holds a finished real-data-only
+  run on the same dataset (the examples' --no-dydiff run), that run's evaluations.
 
 Resuming (`train(resume=True)`) restores everything in the checkpoint and continues from its step; metrics rows
 written after that step by the interrupted run are dropped. The model buffer is NOT saved by default (up to 2M rows,
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 
 from dydiff_env.data import OfflineData
+from dydiff_env.tasks import get_task
 
 from .buffers import ReplayBuffer, check_transitions, sample_mixed
 from dydiff_env.checkpoint import load_checkpoint, save_checkpoint
@@ -77,6 +80,7 @@ class TrainerConfig:
     log_every: int = 1_000
     save_model_buffer: bool = False  # store the model buffer in checkpoints for exact resumption
     overwrite: bool = False  # allow a fresh run in an out_dir that already holds a checkpoint
+    baseline_dir: str | None = None  # a real-data-only run whose evaluations the learning curve shows for reference
     progress: bool = True
     tensorboard: bool = True
 
@@ -348,34 +352,84 @@ class OfflineTrainer:
         return summary
 
     def _plot_learning_curve(self, path: str) -> None:
-        import matplotlib
+        baseline = load_baseline_evaluations(self.config.baseline_dir, self.data.content_hash, type(self.agent).__name__)
+        if self.rollout_fn is None or os.path.abspath(self.config.baseline_dir or "") == os.path.abspath(self.config.out_dir):
+            baseline = None  # a real-data-only run is the baseline itself
+        title = f"{type(self.agent).__name__}: {'real + model data' if self.rollout_fn else 'real data only'}"
+        plot_learning_curve(path, self.evals, self.config.eval_episodes, self.metrics.rows, self.env_id,
+                            dataset_score(self.data, self.env_id), baseline, title)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, (ax_score, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-        if self.evals:
-            steps = np.array([e["step"] for e in self.evals])
-            use_norm = all(math.isfinite(e["normalized_mean"]) for e in self.evals)
-            key = "normalized" if use_norm else "return"
-            mean = np.array([e[f"{key}_mean"] for e in self.evals])
-            std = np.array([e[f"{key}_std"] for e in self.evals])
-            ax_score.plot(steps, mean, marker="o", ms=3)
-            ax_score.fill_between(steps, mean - std, mean + std, alpha=0.2)
-            ax_score.set_ylabel(f"D4RL-normalised score on {self.env_id}" if use_norm else f"return on {self.env_id}")
-        else:
-            ax_score.text(0.5, 0.5, "no evaluations", ha="center", va="center", transform=ax_score.transAxes)
-        ax_score.set_xlabel("gradient steps")
-        ax_score.set_title(f"{type(self.agent).__name__}: {'real + model data' if self.rollout_fn else 'real data only'}")
-        rows = [r for r in self.metrics.rows if isinstance(r.get("critic_loss"), float) and math.isfinite(r["critic_loss"])]
-        if rows:
-            ax_loss.plot([r["step"] for r in rows], [r["critic_loss"] for r in rows])
-            ax_loss.set_yscale("log")
-        ax_loss.set_xlabel("gradient steps")
-        ax_loss.set_ylabel("critic loss")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+def dataset_score(data: OfflineData, env_id: str) -> dict[str, float]:
+    """The dataset's own mean episode return and D4RL-normalised score (NaN without reference scores)."""
+    returns = data.episode_returns
+    if len(returns) == 0:
+        return {"return": math.nan, "normalized": math.nan}
+    try:
+        normalized = float(np.mean(get_task(env_id).normalized_score(returns)))
+    except ValueError:  # an env without D4RL reference scores
+        normalized = math.nan
+    return {"return": float(returns.mean()), "normalized": normalized}
+
+
+def load_baseline_evaluations(run_dir: str | None, dataset_hash: str, agent: str) -> list[dict] | None:
+    """The evaluations of the finished real-data-only run in `run_dir` (its summary.json), if it trained the same
+    agent on the same dataset; else None."""
+    path = os.path.join(run_dir, "summary.json") if run_dir else None
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    same_run_kind = summary.get("agent") == agent and summary.get("dataset_hash") == dataset_hash
+    if not same_run_kind or summary.get("uses_model_rollouts") or not summary.get("evaluations"):
+        return None
+    return summary["evaluations"]
+
+
+def plot_learning_curve(path: str, evals: list[dict], episodes: int, metric_rows: list[dict], env_id: str,
+                        dataset: dict, baseline: list[dict] | None, title: str) -> list[str]:
+    """Score against gradient steps (mean and +- 1 std band over each evaluation's episodes, the dataset's own
+    score, the real-data-only baseline when given) and the critic loss. Returns the score panel's legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_score, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    if evals:
+        steps = np.array([e["step"] for e in evals])
+        use_norm = all(math.isfinite(e["normalized_mean"]) for e in evals)
+        key = "normalized" if use_norm else "return"
+        mean = np.array([e[f"{key}_mean"] for e in evals])
+        std = np.array([e[f"{key}_std"] for e in evals])
+        (line,) = ax_score.plot(steps, mean, marker="o", ms=3, label="this run: mean of each evaluation")
+        count = evals[-1].get("episodes", episodes)
+        ax_score.fill_between(steps, mean - std, mean + std, alpha=0.2, color=line.get_color(),
+                              label=f"± 1 std over its {count} episodes")
+        if baseline:
+            ax_score.plot([e["step"] for e in baseline], [e[f"{key}_mean"] for e in baseline], ls="--", marker=".",
+                          color="tab:gray", label="no DyDiff (real data only)")
+        if math.isfinite(dataset[key]):
+            ax_score.axhline(dataset[key], color="tab:green", ls=":", label=f"dataset episodes (mean {dataset[key]:.1f})")
+        ax_score.set_ylabel(f"D4RL-normalised score on {env_id}" if use_norm else f"return on {env_id}")
+        legend = [text.get_text() for text in ax_score.legend(fontsize=8).get_texts()]
+    else:
+        legend = []
+        ax_score.text(0.5, 0.5, "no evaluations", ha="center", va="center", transform=ax_score.transAxes)
+    ax_score.set_xlabel("gradient steps")
+    ax_score.set_title(title)
+    rows = [r for r in metric_rows if isinstance(r.get("critic_loss"), float) and math.isfinite(r["critic_loss"])]
+    if rows:
+        ax_loss.plot([r["step"] for r in rows], [r["critic_loss"] for r in rows])
+        ax_loss.set_yscale("log")
+    # a growing TD loss is expected while the Q-values grow from 0 to the returns' scale
+    ax_loss.set_title("grows with the Q-values' scale: not by itself a sign of divergence", fontsize=9)
+    ax_loss.set_xlabel("gradient steps")
+    ax_loss.set_ylabel("critic loss (both critics' mean squared TD error)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return legend
 
 
 def _to_numpy(x) -> np.ndarray:

@@ -4,8 +4,10 @@
     python -m benchmarks.fidelity --policy td3bc -n 256         # the full comparison
 
 Writes to --out (default benchmarks/results/fidelity/): fidelity.json (configuration, per-horizon curves and
-every metric), fidelity.png (state error against horizon, one panel per regime, 95 % CI bands) and fidelity.md
-(the markdown table also printed on stdout); `--policy td3bc` caches its trained actor there too.
+every metric), fidelity.png (state error against horizon, one panel per regime, 95 % CI bands), fidelity.md
+(the markdown table also printed on stdout) and, with --video (the default without --quick), rollouts.gif:
+3 policy-driven rollouts, MuJoCo above DydiffEnv from the same start states (`fidelity_video`); `--policy td3bc`
+caches its trained actor there too.
 
 DyDiff's claim (Zhao et al. 2024, arXiv 2405.19189) is that diffusion rollouts stay accurate over long horizons
 for a policy other than the behaviour policy, where a single-step model compounds its errors. This script
@@ -75,6 +77,7 @@ import torch
 if __package__ in (None, ""):  # `python benchmarks/fidelity.py`: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import fidelity_video  # noqa: E402
 from benchmarks.fidelity_metrics import (crossover_horizon, return_error, state_error_curve,  # noqa: E402
                                          termination_agreement, trajectory_length)
 from dydiff_env.bundle import Bundle, load_bundle  # noqa: E402
@@ -82,6 +85,7 @@ from dydiff_env.config import SamplerConfig  # noqa: E402
 from dydiff_env.data import DEFAULT_DATASET_ID, OfflineData, load_dataset  # noqa: E402
 from dydiff_env.env import DydiffEnv, shipped_bundle_path  # noqa: E402
 from dydiff_env.policies import as_policy  # noqa: E402
+from dydiff_env.render import RenderError  # noqa: E402
 from agents.trainer import json_safe  # noqa: E402
 from dydiff_env.rollout import (FilterConfig, RolloutResult, behaviour_policy, call_policy,  # noqa: E402
                                 dydiff_rollout)
@@ -232,6 +236,14 @@ def simulate(env_id: str, qpos: np.ndarray, qvel: np.ndarray,
 # -------------------------------------------------------------------------------------------- model methods
 
 
+def fidelity_env(bundle: Bundle, num_envs: int, sampler: SamplerConfig, dynamics_mode: str, num_iterations: int,
+                 **render) -> DydiffEnv:
+    """The `env` method's DydiffEnv: default plans, no filter, no time limit (`render`: render_mode, width...)."""
+    return DydiffEnv(num_envs=num_envs, bundle=bundle, num_iterations=num_iterations, sampler=sampler, filter="none",
+                     pool_size=min(num_envs, 16), max_episode_steps=None, rollout_dynamics=dynamics_mode,
+                     model_dynamics=dynamics_mode, **render)
+
+
 def env_rollout(bundle: Bundle, start_obs: np.ndarray, act: Callable[[int, np.ndarray], np.ndarray],
                 plan_policy: TorchPolicy | None, horizon: int, sampler: SamplerConfig, seed: int,
                 dynamics_mode: str = "elite_mean", num_iterations: int = 2) -> Trajectories:
@@ -241,9 +253,7 @@ def env_rollout(bundle: Bundle, start_obs: np.ndarray, act: Callable[[int, np.nd
     `dydiff_rollout` does); later steps (the env auto-resets it) are not used."""
     n = len(start_obs)
     start = time.perf_counter()
-    env = DydiffEnv(num_envs=n, bundle=bundle, num_iterations=num_iterations,
-                    sampler=sampler, filter="none", pool_size=min(n, 16), max_episode_steps=None,
-                    rollout_dynamics=dynamics_mode, model_dynamics=dynamics_mode)
+    env = fidelity_env(bundle, n, sampler, dynamics_mode, num_iterations)
     if plan_policy is not None:
         env.set_policy(plan_policy, input="torch")
     obs, _ = env.reset_to(start_obs, seed=seed)
@@ -525,6 +535,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         }
     results["headline"] = headline(results)
     out_dir = setup.out_dir
+    if args.video if args.video is not None else not args.quick:
+        results["video"] = write_video(setup, args.dynamics_mode, args.seed, log)
     json_path, png_path, md_path = out_dir / "fidelity.json", out_dir / "fidelity.png", out_dir / "fidelity.md"
     json_path.write_text(json.dumps(json_safe(results), indent=1))
     plot(results, png_path)
@@ -533,6 +545,37 @@ def run(args: argparse.Namespace, log=print) -> dict:
     log(results["table"])
     log(f"[fidelity] wrote {json_path}, {png_path} and {md_path}")
     return results
+
+
+def write_video(setup: Setup, dynamics_mode: str, seed: int, log=print) -> str | None:
+    """rollouts.gif in the output directory: the policy-driven regime from the first `fidelity_video.STARTS`
+    start states, MuJoCo above DydiffEnv. Returns its file name, or None (with a warning) where MuJoCo cannot
+    render: the measurements are kept either way."""
+    count = min(fidelity_video.STARTS, len(setup.rows))
+    rows = setup.rows[:count]
+    _, step_act, plan_policy = setup.regime_inputs["policy-driven"]
+
+    def act(obs):
+        return step_act(0, obs)  # the policy-driven actions do not depend on the step
+
+    begin = time.perf_counter()
+    size = fidelity_video.PANEL
+    env = fidelity_env(setup.bundle, count, setup.sampler, dynamics_mode, ITERATIONS["env"], render_mode="rgb_array",
+                       width=size, height=size)
+    try:
+        truth = fidelity_video.real_frames(setup.bundle.task.env_id, setup.data.qpos[rows], setup.data.qvel[rows], act,
+                                           setup.horizon, size)
+        env.set_policy(plan_policy, input="torch")
+        model = fidelity_video.env_frames(env, setup.start_obs[:count], act, setup.horizon, seed)
+    except RenderError as err:
+        warnings.warn(f"no rollouts.gif: {err}")
+        return None
+    finally:
+        env.close()
+    path = fidelity_video.write_gif(fidelity_video.grid_frames([truth, model]), setup.out_dir / "rollouts.gif")
+    log(f"[fidelity] wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {truth.shape[1]} frames, "
+        f"{time.perf_counter() - begin:.1f}s)")
+    return path.name
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -645,6 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="single-step ensemble prediction mode (default elite_mean, as dydiff_rollout)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--quick", action="store_true", help="small N, short H, fewer sampler steps (a few minutes)")
+    p.add_argument("--video", action=argparse.BooleanOptionalAction, default=None,
+                   help="write rollouts.gif, MuJoCo above DydiffEnv from 3 start states (default: on, off with --quick)")
     return p
 
 

@@ -5,23 +5,45 @@
     venv = gymnasium.make_vec("Dydiff-hopper-v0", num_envs=64, vectorization_mode="vector_entry_point")
 
 Importing the package registers the ids; `gymnasium.make("dydiff_env:Dydiff-hopper-v0")` imports it for you.
+The public names below are imported on first use (module `__getattr__`), so importing the package, and the
+`dydiff-env` command line, does not pay for torch until something needs it.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import gymnasium
 
-from .bundle import Bundle, BundleError, load_bundle
-from .config import DiffusionConfig, DynamicsConfig, EnvConfig, FilterConfig, SamplerConfig, TrainConfig, preset
-from .data import DatasetNotFoundError, OfflineData, load_dataset
-from .env import DydiffEnv, DydiffSingleEnv, shipped_bundle_path
-from .policies import as_policy
-from .rollout import PolicyError, RolloutResult, behaviour_policy, dydiff_rollout
+from .render import choose_gl_backend
 from .tasks import TASKS, get_task
 
 __version__ = "0.1.0"
 
 ENV_IDS = {"hopper": "Dydiff-hopper-v0", "walker2d": "Dydiff-walker2d-v0", "halfcheetah": "Dydiff-halfcheetah-v0"}
+
+# public name -> the module that defines it
+_LAZY = {
+    "Bundle": "bundle", "BundleError": "bundle", "load_bundle": "bundle",
+    "DiffusionConfig": "config", "DynamicsConfig": "config", "EnvConfig": "config", "FilterConfig": "config",
+    "SamplerConfig": "config", "TrainConfig": "config", "preset": "config",
+    "DatasetNotFoundError": "data", "OfflineData": "data", "load_dataset": "data",
+    "DydiffEnv": "env", "DydiffSingleEnv": "env", "shipped_bundle_path": "env",
+    "as_policy": "policies",
+    "PolicyError": "rollout", "RolloutResult": "rollout", "behaviour_policy": "rollout", "dydiff_rollout": "rollout",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def _register() -> None:
@@ -36,10 +58,7 @@ def _register() -> None:
 
 
 _register()
+# a headless machine renders through EGL: set before any MuJoCo renderer is made, the user's own included
+choose_gl_backend()
 
-__all__ = [
-    "Bundle", "BundleError", "DatasetNotFoundError", "DiffusionConfig", "DydiffEnv", "DydiffSingleEnv",
-    "DynamicsConfig", "ENV_IDS", "EnvConfig", "FilterConfig", "OfflineData", "PolicyError", "RolloutResult", "SamplerConfig",
-    "TASKS", "TrainConfig", "as_policy", "behaviour_policy", "dydiff_rollout", "get_task", "load_bundle",
-    "load_dataset", "preset", "shipped_bundle_path",
-]
+__all__ = sorted(["ENV_IDS", "TASKS", "get_task", *_LAZY])

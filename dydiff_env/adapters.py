@@ -164,6 +164,11 @@ class SB3VecEnv(VecEnv):
     def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:
         return [False for _ in self._get_indices(indices)]
 
+    def get_images(self) -> list[np.ndarray | None]:
+        """One frame per sub-env (DydiffEnv's `render_mode="rgb_array"`; SB3's `render()` tiles them)."""
+        frames = self.venv.render() if self.venv.render_mode == "rgb_array" else None
+        return list(frames) if frames is not None else [None] * self.num_envs
+
 
 # --------------------------------------------------------------------------------------------------- Tianshou
 
@@ -251,8 +256,10 @@ class TianshouVectorEnv:
         self._restart_in_background(idle[done[idle]])
         return obs[ids], rew[ids], terminated[ids], truncated[ids], self._infos(infos, ids)
 
-    def render(self, **kwargs) -> list[None]:
-        return [None] * self.env_num  # DydiffEnv does not render
+    def render(self, **kwargs) -> list[np.ndarray | None]:
+        """One frame per sub-env (DydiffEnv's `render_mode="rgb_array"`), else Nones."""
+        frames = self.venv.render() if self.venv.render_mode == "rgb_array" else None
+        return list(frames) if frames is not None else [None] * self.env_num
 
     def close(self) -> None:
         if not self.is_closed:

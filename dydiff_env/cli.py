@@ -16,9 +16,10 @@ import os
 import sys
 from dataclasses import dataclass
 
-import numpy as np
-
 from .data import DEFAULT_DATASET_ID
+
+# Module level imports stay light (no torch): `dydiff-env --help` and argument errors must answer at once.
+# Each command imports what it computes with.
 
 
 @dataclass(frozen=True)
@@ -108,19 +109,45 @@ def gym_env_id(text: str) -> str:
     return text
 
 
-def _set_threads(threads: int | None) -> None:
+def set_threads(threads: int) -> None:
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
+
+
+def collect_target(args) -> str:
+    """The dataset id `collect` will write, from the flags alone (no actor loaded yet)."""
+    from .tasks import get_task
+
+    if args.actor:
+        return args.dataset_id or f"dydiff/{get_task(args.env).name}/custom-v0"
+    return args.dataset_id or COLLECT_PRESETS[args.name].dataset_id
 
 
 def cmd_collect(args) -> int:
+    if not args.actor and args.name not in COLLECT_PRESETS:
+        print(f"error: unknown collection '{args.name}'; choose one of {sorted(COLLECT_PRESETS)} "
+              "or pass --actor SNAPSHOT --env ENV_ID", file=sys.stderr)
+        return 2
+    from .data import dataset_lock, refuse_existing_dataset
+
+    dataset_id = collect_target(args)
+    refuse_existing_dataset(dataset_id, args.overwrite)  # now, not after minutes of collection
+    # one writer per dataset id: the lock is held from the check before collecting to the write after it
+    with dataset_lock(dataset_id):
+        return collect_and_write(args, dataset_id)
+
+
+def collect_and_write(args, dataset_id: str) -> int:
+    import numpy as np
+    import torch
+
     from .behaviour import GaussianActor, load_shipped_actor
-    from .data import dataset_lock
+    from .data import collect_episodes, load_dataset, refuse_existing_dataset, write_minari_dataset
     from .tasks import get_task
 
-    _set_threads(args.threads)
+    refuse_existing_dataset(dataset_id, args.overwrite)  # again under the lock: another writer may just have finished
+    set_threads(args.threads)
     if args.actor:
         task = get_task(args.env)
         actor = GaussianActor.load(args.actor)
@@ -128,29 +155,13 @@ def cmd_collect(args) -> int:
             raise ValueError(f"--actor {args.actor} maps {actor.obs_dim} observations to {actor.act_dim} actions, "
                              f"but {task.env_id} has {task.obs_dim} and {task.act_dim}; pass the actor's env as --env")
         actors = [("custom", actor)]
-        dataset_id = args.dataset_id or f"dydiff/{task.name}/custom-v0"
         description = f"{task.env_id}, actor {args.actor}"
         num_steps = args.steps or 200_000
     else:
-        if args.name not in COLLECT_PRESETS:
-            print(f"error: unknown collection '{args.name}'; choose one of {sorted(COLLECT_PRESETS)} "
-                  "or pass --actor SNAPSHOT --env ENV_ID", file=sys.stderr)
-            return 2
         p = COLLECT_PRESETS[args.name]
         task = get_task(p.task)
         actors = [(name, None if name == "random" else load_shipped_actor(p.task, name)) for name in p.actors]
-        dataset_id, description, num_steps = args.dataset_id or p.dataset_id, p.description, args.steps or p.num_steps
-    # one writer per dataset id, and a refusal before the collection rather than after it
-    with dataset_lock(dataset_id):
-        return collect_and_write(args, task, actors, dataset_id, description, num_steps)
-
-
-def collect_and_write(args, task, actors: list, dataset_id: str, description: str, num_steps: int) -> int:
-    import torch
-
-    from .data import collect_episodes, load_dataset, refuse_existing_dataset, write_minari_dataset
-
-    refuse_existing_dataset(dataset_id, args.overwrite)
+        description, num_steps = p.description, args.steps or p.num_steps
     generator = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     buffers = []
@@ -179,7 +190,7 @@ def cmd_train(args) -> int:
     from .data import load_dataset
     from .training import MODEL_KINDS, train_models
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     config = preset(args.preset)
     config.seed = args.seed
     if args.checkpoint_every is not None:
@@ -219,7 +230,7 @@ def cmd_export(args) -> int:
 def cmd_behaviour_train(args) -> int:
     from .behaviour import SACTrainConfig, train_sac
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     train_sac(args.out, SACTrainConfig(env_id=args.env, total_steps=args.steps, snapshot_every=args.snapshot_every,
                                        seed=args.seed))
     return 0
@@ -228,6 +239,7 @@ def cmd_behaviour_train(args) -> int:
 def cmd_behaviour_eval(args) -> int:
     from .behaviour import GaussianActor, evaluate_actor
 
+    set_threads(args.threads)
     actor = GaussianActor.load(args.actor)
     for det in (False, True):
         mean, std = evaluate_actor(actor, args.env, args.episodes, seed=args.seed, deterministic=det)
@@ -235,65 +247,85 @@ def cmd_behaviour_eval(args) -> int:
     return 0
 
 
+THREADS_HELP = ("torch intra-op threads (default 1: the fastest choice when another job shares a small machine, where "
+                "two threads can run 3x slower; on an idle machine more threads speed up training, see "
+                "benchmarks/threads.py)")
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """The one --threads flag of every command that computes."""
+    parser.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dydiff-env", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("collect", help="run a behaviour policy in the real simulator and write a Minari dataset")
-    p.add_argument("name", nargs="?", default="hopper-medium", help=f"one of {sorted(COLLECT_PRESETS)}")
-    p.add_argument("--steps", type=positive_int, default=None, help="transitions to collect (whole episodes)")
-    p.add_argument("--dataset-id", default=None)
+    p.add_argument("name", nargs="?", default="hopper-medium",
+                   help=f"the collection to make, one of {sorted(COLLECT_PRESETS)} (default hopper-medium)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="transitions to collect, rounded up to whole episodes (default: the collection's, 200000 "
+                        "for --actor)")
+    p.add_argument("--dataset-id", default=None,
+                   help="Minari id to write (default: the collection's, e.g. dydiff/hopper/medium-v1; "
+                        "dydiff/<task>/custom-v0 for --actor)")
     p.add_argument("--actor", default=None, help="a behaviour snapshot (.safetensors) instead of a shipped one")
-    p.add_argument("--env", default="Hopper-v5", help="env of --actor")
+    p.add_argument("--env", default="Hopper-v5", help="env of --actor (default Hopper-v5)")
     p.add_argument("--deterministic", action="store_true", help="mean actions instead of sampling (D4RL samples)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace a dataset of the same id")
-    p.add_argument("--threads", type=positive_int, default=1,
-                   help="torch intra-op threads (default 1: one observation at a time gains nothing from more, and "
-                        "two threads slow to a crawl when another job shares a 2-core machine)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the episodes and the actions (default 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a local dataset of the same id (without it an existing id is refused at once)")
+    add_threads_option(p)
     p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("train", help="train bundle models on a Minari dataset")
-    p.add_argument("model", choices=["all", "diffusion", "dynamics", "reward", "bc"])
-    p.add_argument("--dataset", default=DEFAULT_DATASET_ID, help="Minari dataset id")
+    p.add_argument("model", choices=["all", "diffusion", "dynamics", "reward", "bc"],
+                   help="which model to train: all four (a complete bundle) or one of them")
+    p.add_argument("--dataset", default=DEFAULT_DATASET_ID, help=f"Minari dataset id (default {DEFAULT_DATASET_ID})")
     p.add_argument("--out", required=True, help="bundle directory")
-    p.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "paper"])
+    p.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "paper"],
+                   help="model sizes and training budgets: paper (the reference implementation's), cpu (scaled "
+                        "down for CPUs, default), tiny (for tests)")
     p.add_argument("--resume", action="store_true",
                    help="skip the models --out holds intact (sha256 checked) and continue the others from their checkpoints")
     p.add_argument("--overwrite", action="store_true",
                    help="replace models of another architecture (another --preset) than the bundle in --out records")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--device", type=torch_device, default="cpu")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--checkpoint-every", type=non_negative_float, default=None, help="seconds between checkpoints")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of initialisation and batches (default 0)")
+    p.add_argument("--device", type=torch_device, default="cpu", help="torch device: cpu (default), cuda, cuda:1, mps")
+    add_threads_option(p)
+    p.add_argument("--checkpoint-every", type=non_negative_float, default=None,
+                   help="seconds between checkpoints (default: the preset's)")
     p.add_argument("--diffusion-steps", type=non_negative_int, default=None, help="override the preset's diffusion steps")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help="summarise a bundle")
-    p.add_argument("bundle")
+    p.add_argument("bundle", help="bundle directory")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("export", help="copy a bundle without checkpoints, fp16 weights by default")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--float32", action="store_true")
+    p.add_argument("src", help="bundle directory to copy")
+    p.add_argument("dst", help="new bundle directory")
+    p.add_argument("--float32", action="store_true", help="keep float32 weights (default: fp16, half the size)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("behaviour", help="behaviour policies (SB3 SAC in the real simulator)")
     bsub = p.add_subparsers(dest="behaviour_command", required=True)
     b = bsub.add_parser("train", help="train SAC and export actor snapshots with their returns")
-    b.add_argument("--env", type=gym_env_id, default="Hopper-v5")
-    b.add_argument("--steps", type=positive_int, default=300_000)
-    b.add_argument("--snapshot-every", type=positive_int, default=10_000)
-    b.add_argument("--out", required=True)
-    b.add_argument("--seed", type=non_negative_int, default=0)
-    b.add_argument("--threads", type=positive_int, default=1)
+    b.add_argument("--env", type=gym_env_id, default="Hopper-v5", help="Gymnasium env id (default Hopper-v5)")
+    b.add_argument("--steps", type=positive_int, default=300_000, help="SAC env steps (default 300000)")
+    b.add_argument("--snapshot-every", type=positive_int, default=10_000,
+                   help="env steps between actor snapshots (default 10000)")
+    b.add_argument("--out", required=True, help="directory for the snapshots and their returns")
+    b.add_argument("--seed", type=non_negative_int, default=0, help="seed of SAC and the env (default 0)")
+    add_threads_option(b)
     b.set_defaults(func=cmd_behaviour_train)
     b = bsub.add_parser("eval", help="return of an actor snapshot in the real simulator")
-    b.add_argument("actor")
-    b.add_argument("--env", type=gym_env_id, default="Hopper-v5")
-    b.add_argument("--episodes", type=positive_int, default=10)
-    b.add_argument("--seed", type=non_negative_int, default=0)
+    b.add_argument("actor", help="actor snapshot (.safetensors)")
+    b.add_argument("--env", type=gym_env_id, default="Hopper-v5", help="Gymnasium env id (default Hopper-v5)")
+    b.add_argument("--episodes", type=positive_int, default=10, help="episodes per evaluation (default 10)")
+    b.add_argument("--seed", type=non_negative_int, default=0, help="seed of the first episode (default 0)")
+    add_threads_option(b)
     b.set_defaults(func=cmd_behaviour_eval)
     return parser
 

@@ -299,11 +299,16 @@ def dataset_lock(dataset_id: str) -> WriterLock:
     return WriterLock(Path(datasets_path()) / ".dydiff-env-locks" / file, f"Minari dataset '{dataset_id}'")
 
 
-def refuse_existing_dataset(dataset_id: str, overwrite: bool) -> None:
-    """Raise FileExistsError if the dataset exists and may not be replaced (checked before collecting)."""
+def dataset_exists(dataset_id: str) -> bool:
+    """Whether a local Minari dataset has this id."""
     import minari
 
-    if not overwrite and dataset_id in minari.list_local_datasets():
+    return dataset_id in minari.list_local_datasets()
+
+
+def refuse_existing_dataset(dataset_id: str, overwrite: bool = False) -> None:
+    """Raise FileExistsError if the dataset exists and may not be replaced (checked before collecting)."""
+    if not overwrite and dataset_exists(dataset_id):
         raise FileExistsError(f"Minari dataset '{dataset_id}' already exists in {datasets_path()}; "
                               "pass --overwrite to replace it")
 
@@ -315,7 +320,7 @@ def write_minari_dataset(dataset_id: str, env_id: str, buffers: list, descriptio
     import minari
 
     refuse_existing_dataset(dataset_id, overwrite)
-    if dataset_id in minari.list_local_datasets():
+    if dataset_exists(dataset_id):
         minari.delete_dataset(dataset_id)
     task = get_task(env_id)
     return minari.create_dataset_from_buffers(

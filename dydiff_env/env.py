@@ -45,6 +45,10 @@ actions of the wrong shape raise `ValueError`.
 `step` and `reset` are atomic: the next state, re-plans included, is built beside the current one and
 replaces it only when the call succeeds; the random generators and counters are restored when anything
 raises (a policy handle failing during a re-plan, say), so the env is exactly as it was before the call.
+
+Rendering (`render_mode="rgb_array"` or `"human"`): each sub-env's observation is drawn through one real MuJoCo
+env of the task (`dydiff_env.render`); the root's x position, which observations leave out, is integrated from
+the observed x velocity since the episode's start and kept with the rest of the state (`EnvState.x_position`).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from gymnasium.vector.utils import batch_space
 from .bundle import Bundle, BundleError, load_bundle
 from .config import EnvConfig, FilterConfig
 from .policies import as_policy
+from .render import DEFAULT_SIZE, RENDER_MODES, StateRenderer, available_render_modes, check_render_mode, integrate_x
 from .rollout import RolloutResult, behaviour_policy, call_policy, dydiff_rollout, filter_trajectories
 from .tasks import get_task
 
@@ -160,6 +165,9 @@ class EnvState:
     pool_start: np.ndarray  # (n,) bool: a pool-plan episode whose first step is still to come
     elapsed: np.ndarray  # (n,) steps taken in the current episode
     needs_reset: np.ndarray  # (n,) bool: done, waiting for an autoreset or reset(options={"reset_mask": ...})
+    # (n,) float64: the root's x position, which observations leave out; integrated from the observed x velocity
+    # from 0 at each episode start, for rendering only
+    x_position: np.ndarray
     pool: Plans | None = None  # kept pool plans not yet served, in serving order
     pool_on: bool = False
     pool_misses: int = 0  # pool-plan episodes in a row whose first action left the plan
@@ -179,15 +187,18 @@ class DydiffEnv(gym.vector.VectorEnv):
         policy: the policy handle (see `set_policy`); None: no handle.
         config: an `EnvConfig`; keyword arguments override its fields (`gymnasium.make` passes them so).
         task: "hopper" (the default), "walker2d", "halfcheetah"; must match the bundle.
+        render_mode: None, "rgb_array" (`render()` returns one (height, width, 3) uint8 frame per sub-env) or
+            "human" (a window shows sub-env 0 after every reset and step; needs a display). The model's state is
+            drawn through MuJoCo, with the unobserved x position integrated from the observed x velocity.
+        width, height: frame size in pixels.
     """
 
     def __init__(self, num_envs: int = 1, bundle: str | Path | Bundle | None = None, policy: Any = None,
                  config: EnvConfig | None = None, *, task: str = "hopper", render_mode: str | None = None,
-                 **overrides):
+                 width: int = DEFAULT_SIZE, height: int = DEFAULT_SIZE, **overrides):
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
-        if render_mode is not None:
-            raise ValueError("DydiffEnv does not render (the learned state has no x position); use render_mode=None")
+        check_render_mode(render_mode)
         self.config = cfg = EnvConfig.from_kwargs(config, **overrides)
         self.bundle = resolve_bundle(bundle, task, cfg.device)
         self.task = self.bundle.task
@@ -201,8 +212,10 @@ class DydiffEnv(gym.vector.VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self.autoreset_mode = AutoresetMode(cfg.autoreset_mode)
-        self.metadata = {"autoreset_mode": self.autoreset_mode, "render_modes": []}
-        self.render_mode = None
+        self.metadata = {"autoreset_mode": self.autoreset_mode, "render_modes": available_render_modes(),
+                         "render_fps": self.task.render_fps}
+        self.render_mode = render_mode
+        self._renderer = None if render_mode is None else StateRenderer(self.task, render_mode, width, height)
 
         window = self.bundle.diffusion.horizon if self.bundle.diffusion is not None else None
         self.horizon = cfg.horizon or (max(1, 3 * window // 4) if window else 32)
@@ -332,7 +345,8 @@ class DydiffEnv(gym.vector.VectorEnv):
         flags = np.zeros(n, dtype=bool)
         return EnvState(torch.zeros(n, d, device=dev), Plans.empty(n, h, d, a, dev), np.zeros(n, np.int64),
                         flags.copy(), Plans.empty(n, h, d, a, dev), flags.copy(), flags.copy(), flags.copy(),
-                        flags.copy(), np.zeros(n, np.int64), flags.copy(), pool_on=self.config.plans == "always")
+                        flags.copy(), np.zeros(n, np.int64), flags.copy(), np.zeros(n, np.float64),
+                        pool_on=self.config.plans == "always")
 
     def _start_episodes(self, s: EnvState, env_ids: np.ndarray) -> None:
         """New episodes for `env_ids`: pool plans while the pool is on, else dataset states without plans."""
@@ -354,9 +368,11 @@ class DydiffEnv(gym.vector.VectorEnv):
             self._begin_planless(s, env_ids, starts)
         s.elapsed[env_ids] = 0
         s.needs_reset[env_ids] = False
+        s.x_position[env_ids] = 0.0
 
     def _begin_planless(self, s: EnvState, env_ids: np.ndarray, starts: torch.Tensor) -> None:
         s.obs = s.obs.index_put((torch.as_tensor(env_ids),), starts)
+        s.x_position[env_ids] = 0.0
         s.on_plan[env_ids] = s.has_next[env_ids] = s.wants_next[env_ids] = s.pool_start[env_ids] = False
         s.probing[env_ids] = self._probes()
 
@@ -407,6 +423,7 @@ class DydiffEnv(gym.vector.VectorEnv):
 
         out = self._transaction(body, seed)
         self._started = True
+        self._show()
         return out
 
     def reset_to(self, start_obs: torch.Tensor | np.ndarray, *, seed: int | None = None):
@@ -431,6 +448,7 @@ class DydiffEnv(gym.vector.VectorEnv):
 
         out = self._transaction(body, seed)
         self._started = True
+        self._show()
         return out
 
     def planned_actions(self) -> np.ndarray:
@@ -484,7 +502,30 @@ class DydiffEnv(gym.vector.VectorEnv):
         if not self._started:
             raise RuntimeError("call reset() before step()")
         act, clip_count = self._check_actions(actions)
-        return self._transaction(lambda s: self._step(s, act, clip_count))
+        out = self._transaction(lambda s: self._step(s, act, clip_count))
+        self._show()
+        return out
+
+    def render(self) -> tuple[np.ndarray, ...] | None:
+        """"rgb_array": one (height, width, 3) uint8 frame per sub-env, of its current state; "human": draws
+        sub-env 0 in the window and returns None. The state is drawn through the real MuJoCo env with the x
+        position integrated from the observed x velocity since the episode's start."""
+        if self._renderer is None:
+            gym.logger.warn("render() was called on a DydiffEnv made without a render mode; make it with "
+                            "render_mode='rgb_array' (or 'human' where there is a display)")
+            return None
+        if not self._started:
+            raise RuntimeError("call reset() before render()")
+        obs, x = self._state.obs.cpu().numpy(), self._state.x_position
+        if self.render_mode == "human":
+            self._renderer.draw(obs[0], x[0])
+            return None
+        return tuple(self._renderer.draw(obs[i], x[i]) for i in range(self.num_envs))
+
+    def _show(self) -> None:
+        """Human mode draws every new state, as Gymnasium's MuJoCo envs do."""
+        if self.render_mode == "human":
+            self.render()
 
     def _step(self, s: EnvState, act: torch.Tensor, clip_count: np.ndarray):
         n = self.num_envs
@@ -578,6 +619,9 @@ class DydiffEnv(gym.vector.VectorEnv):
         reward = torch.where(finite, reward, torch.zeros_like(reward))
         disagreement = torch.where(finite, disagreement, torch.zeros_like(disagreement))
 
+        xv = self.task.x_velocity_index
+        s.x_position[ids] = integrate_x(s.x_position[ids], s.obs[tid, xv].cpu().numpy(), next_obs[:, xv].cpu().numpy(),
+                                        self.task.dt)
         s.obs = s.obs.index_put((tid,), next_obs)
         s.on_plan[ids] = follows
         s.t[ids] = np.where(follows, t + 1, t)
@@ -623,12 +667,16 @@ class DydiffEnv(gym.vector.VectorEnv):
 
     def close_extras(self, **kwargs) -> None:
         self._state = dataclasses.replace(self._state, pool=None)
+        if self._renderer is not None:
+            self._renderer.close()
 
 
 class DydiffSingleEnv(gym.Env):
-    """A single-environment `gymnasium.Env` view of `DydiffEnv` (what `gymnasium.make` returns)."""
+    """A single-environment `gymnasium.Env` view of `DydiffEnv` (what `gymnasium.make` returns). Keyword
+    arguments are DydiffEnv's, `render_mode`, `width` and `height` included."""
 
-    metadata = {"render_modes": []}
+    # every mode the class supports; an instance lists those this machine can honour, with its task's render_fps
+    metadata = {"render_modes": list(RENDER_MODES)}
 
     def __init__(self, **kwargs):
         kwargs.pop("num_envs", None)
@@ -636,6 +684,8 @@ class DydiffSingleEnv(gym.Env):
         self.vector_env = DydiffEnv(num_envs=1, **kwargs)
         self.observation_space = self.vector_env.single_observation_space
         self.action_space = self.vector_env.single_action_space
+        self.render_mode = self.vector_env.render_mode
+        self.metadata = {"render_modes": available_render_modes(), "render_fps": self.vector_env.task.render_fps}
         self._needs_reset = True
 
     @property
@@ -679,14 +729,21 @@ class DydiffSingleEnv(gym.Env):
         self._needs_reset = bool(terminated[0] or truncated[0])
         return obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), self._unbatch(infos)
 
+    def render(self) -> np.ndarray | None:
+        """"rgb_array": the current state as one (height, width, 3) uint8 frame; "human": None (drawn in the
+        window after every reset and step)."""
+        frames = self.vector_env.render()
+        return None if frames is None else frames[0]
+
+    def close(self) -> None:
+        self.vector_env.close()
+
 
 def make_env(**kwargs) -> DydiffSingleEnv:
     """`gymnasium.make` entry point."""
-    kwargs.pop("render_mode", None)
     return DydiffSingleEnv(**kwargs)
 
 
 def make_vector_env(num_envs: int = 1, **kwargs) -> DydiffEnv:
     """`gymnasium.make_vec(..., vectorization_mode="vector_entry_point")` entry point."""
-    kwargs.pop("render_mode", None)
     return DydiffEnv(num_envs=num_envs, **kwargs)

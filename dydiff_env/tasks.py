@@ -8,15 +8,18 @@ compares NaN as unhealthy too).
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
 
 
 def _lib(x):
-    return torch if isinstance(x, torch.Tensor) else np
+    # torch is not imported here: importing the package (and `dydiff-env --help`) must not pay for it. A tensor
+    # can only exist once torch is imported, so sys.modules tells whether x may be one.
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and isinstance(x, torch.Tensor) else np
 
 
 def hopper_terminated(obs):
@@ -54,6 +57,17 @@ class Task:
     # D4RL reference returns (set on the -v2 envs; we label scores "D4RL-normalised on <env_id>")
     ref_min_score: float
     ref_max_score: float
+    # Where the MuJoCo state sits in an observation, for drawing a model's state (`dydiff_env.render`). The v5
+    # locomotion envs observe [qpos[hidden_qpos:], qvel]: the root's x position qpos[0] is left out, and its
+    # velocity qvel[0] is observed at `x_velocity_index`, so the x position integrates it over `dt`.
+    dt: float  # seconds per env step (frame_skip x the MuJoCo timestep)
+    x_velocity_index: int
+    hidden_qpos: int = 1
+
+    @property
+    def render_fps(self) -> int:
+        """Frames per second of real time, as the real env's metadata reports it."""
+        return int(round(1.0 / self.dt))
 
     def normalized_score(self, returns):
         """D4RL-normalised score x100."""
@@ -61,9 +75,13 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "hopper": Task("hopper", "Hopper-v5", 11, 3, hopper_terminated, 1000, -20.272305, 3234.3),
-    "walker2d": Task("walker2d", "Walker2d-v5", 17, 6, walker2d_terminated, 1000, 1.629008, 4592.3),
-    "halfcheetah": Task("halfcheetah", "HalfCheetah-v5", 17, 6, halfcheetah_terminated, 1000, -280.178953, 12135.0),
+    # obs: hopper qpos[1:] (5) + qvel (6); walker2d and halfcheetah qpos[1:] (8) + qvel (9)
+    "hopper": Task("hopper", "Hopper-v5", 11, 3, hopper_terminated, 1000, -20.272305, 3234.3,
+                   dt=0.008, x_velocity_index=5),
+    "walker2d": Task("walker2d", "Walker2d-v5", 17, 6, walker2d_terminated, 1000, 1.629008, 4592.3,
+                     dt=0.008, x_velocity_index=8),
+    "halfcheetah": Task("halfcheetah", "HalfCheetah-v5", 17, 6, halfcheetah_terminated, 1000, -280.178953, 12135.0,
+                        dt=0.05, x_velocity_index=8),
 }
 
 

@@ -155,9 +155,11 @@ def main(argv=None) -> dict:
     from stable_baselines3.common.vec_env import VecMonitor
 
     from agents.evaluation import evaluate
-    from agents.recipes import default_run_dir, ensure_dataset
+    from agents.recipes import default_run_dir, ensure_dataset, refuse_existing_run
 
     args = build_parser().parse_args(argv)
+    out = args.out or default_run_dir(f"sb3_{args.algo}", args.seed)
+    refuse_existing_run(out, args, can_resume=False)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -185,7 +187,6 @@ def main(argv=None) -> dict:
                "env_transitions_per_s": round(args.steps / train_seconds, 1),
                "score": result.normalized_mean, "score_std": result.normalized_std, "return": result.mean,
                "score_label": result.label, "eval": result.as_dict()}
-    out = args.out or default_run_dir(f"sb3_{args.algo}", args.seed)
     os.makedirs(out, exist_ok=True)
     save_actor(model, os.path.join(out, "actor.safetensors"))
     with open(os.path.join(out, "summary.json"), "w") as f:

@@ -204,19 +204,22 @@ def train(algorithm, real_buffer, model_env, args) -> dict:
 
 def main(argv=None) -> dict:
     from agents.evaluation import evaluate
-    from agents.recipes import default_run_dir, ensure_dataset
+    from agents.recipes import default_run_dir, ensure_dataset, refuse_existing_run
     from dydiff_env.policies import as_policy
 
     args = build_parser().parse_args(argv)
     if not 0.0 <= args.real_fraction <= 1.0:
         raise SystemExit(f"--real-fraction must be in [0, 1], got {args.real_fraction}")
+    real_only = args.real_fraction >= 1.0  # no model data: the baseline, with its own default directory
+    out = args.out or default_run_dir("tianshou_td3bc", args.seed, real_only=real_only)
+    refuse_existing_run(out, args, can_resume=False)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)  # Tianshou's buffers sample with numpy's global RNG
     data = ensure_dataset(args.dataset, seed=args.seed)
     env_id = data.env_id or "Hopper-v5"
-    model_env = make_model_env(args, env_id) if args.real_fraction < 1.0 else None
+    model_env = None if real_only else make_model_env(args, env_id)
     action_space = model_env.single_action_space if model_env is not None else _real_action_space(env_id)
     algorithm = build_algorithm(data, action_space, args)
     log = train(algorithm, dataset_buffer(data), model_env, args)
@@ -228,7 +231,6 @@ def main(argv=None) -> dict:
                "dataset_rows": len(data), **log, "env_stats": dict(model_env.venv.stats) if model_env else {},
                "score": result.normalized_mean, "score_std": result.normalized_std, "return": result.mean,
                "score_label": result.label, "eval": result.as_dict()}
-    out = args.out or default_run_dir("tianshou_td3bc", args.seed, real_only=model_env is None)
     os.makedirs(out, exist_ok=True)
     # the network weights as safetensors, not torch.save: the project writes no pickle
     from safetensors.torch import save_file

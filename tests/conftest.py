@@ -17,12 +17,17 @@ Session-scoped fixtures, reused by every test file (data, models, bundle, env, a
 - `tiny_bundle` -> `pathlib.Path`: a bundle directory with all four models (dynamics, reward, bc, diffusion)
   trained on `tiny_dataset` with the tiny preset. Treat it as read-only; tests that need to modify a bundle
   must use `tiny_bundle_copy` (function-scoped: a private copy under the test's tmp_path) instead.
+- `gl_renderer`: skips the test, with the reason, when MuJoCo cannot render a frame on this machine. Probed once,
+  in a subprocess (a broken OpenGL library can crash the process that tries it). MUJOCO_GL is left as the
+  package sets it (egl on a machine without a display, see `dydiff_env.render`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -99,3 +104,32 @@ def tiny_bundle_copy(tiny_bundle, tmp_path) -> Path:
     dst = tmp_path / "bundle-copy"
     shutil.copytree(tiny_bundle, dst)
     return dst
+
+
+RENDER_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[1])  # the dydiff_env this test session imports
+from dydiff_env.render import render_problem
+problem = render_problem()
+print(" ".join((problem or "ok").split()))  # one line: the skip reason
+sys.exit(1 if problem else 0)
+"""
+
+
+@pytest.fixture(scope="session")
+def gl_renderer() -> str:
+    """The OpenGL backend MuJoCo renders with here (MUJOCO_GL); skips the test when it cannot render."""
+    import dydiff_env  # sets MUJOCO_GL=egl on a machine without a display; the probe inherits it
+
+    package_root = str(Path(dydiff_env.__file__).resolve().parents[1])
+    try:
+        probe = subprocess.run([sys.executable, "-c", RENDER_PROBE, package_root], capture_output=True, text=True,
+                               timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.skip("no OpenGL backend can render here: the render probe timed out after 180 s")
+    if probe.returncode != 0:
+        # the probe prints its reason last on stdout; a crash leaves only stderr
+        reason = (probe.stdout.strip().splitlines() or probe.stderr.strip().splitlines() or
+                  [f"the probe exited with code {probe.returncode}"])[-1]
+        pytest.skip(f"no OpenGL backend can render here (MUJOCO_GL={os.environ.get('MUJOCO_GL')}): {reason}")
+    return os.environ.get("MUJOCO_GL", "gymnasium's default")

@@ -457,9 +457,11 @@ def test_a_step_that_raises_leaves_the_env_as_it_was(bundle):
         twin.step(a)
     broken["on"] = True
     before = (env._state, env.stats.copy(), env._generator.get_state(), env.np_random.bit_generator.state)
+    x_before = env._state.x_position.copy()
     with pytest.raises(RuntimeError, match="policy failure"):
         env.step(act_with(base, obs))
     assert env._state is before[0] and env.stats == before[1]
+    assert np.array_equal(env._state.x_position, x_before)  # the failed step's x integration was discarded
     assert torch.equal(env._generator.get_state(), before[2]) and env.np_random.bit_generator.state == before[3]
     broken["on"] = False
     for _ in range(4):
@@ -467,6 +469,7 @@ def test_a_step_that_raises_leaves_the_env_as_it_was(bundle):
         out, twin_out = env.step(a), twin.step(a)
         for x, y in zip(out[:4], twin_out[:4]):
             assert np.array_equal(x, y)
+        assert np.array_equal(env._state.x_position, twin._state.x_position)
         obs = out[0]
 
 

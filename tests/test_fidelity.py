@@ -273,3 +273,37 @@ def test_sampler_benchmark_quick_run(tiny_bundle, tiny_dataset, tmp_path):
             assert len(errors) >= 3 and all(e is not None and e >= 0 for e in errors)
     assert results["meta"]["real_per_s"] > 0
     assert (out / "samplers.png").stat().st_size > 1000 and "| sampler |" in (out / "samplers.md").read_text()
+
+
+def test_video_shows_mujoco_above_the_env(tiny_bundle, tiny_dataset, tmp_path, gl_renderer):
+    from PIL import Image
+
+    from benchmarks import fidelity_video
+
+    out = tmp_path / "video"
+    args = fidelity.build_parser().parse_args(
+        ["--bundle", str(tiny_bundle), "--dataset", TINY_DATASET_ID, "--policy", "bc", "-n", "4", "--horizon", "6",
+         "--sampler-steps", "2", "--threads", "1", "--quick", "--video", "--methods", "ensemble,env", "--out", str(out)])
+    results = fidelity.run(args, log=lambda *_: None)
+    assert results["video"] == "rollouts.gif"
+    gif = Image.open(out / "rollouts.gif")
+    size = fidelity_video.PANEL
+    assert gif.size == (3 * size, 2 * size) and gif.n_frames == 7  # 3 starts; the start state and 6 steps
+    assert (out / "rollouts.gif").stat().st_size < 2_000_000
+    assert json.loads((out / "fidelity.json").read_text())["video"] == "rollouts.gif"
+    # the parser's default: a video for full runs, none for --quick
+    assert fidelity.build_parser().parse_args(["--quick"]).video is None
+
+
+def test_video_grid_puts_starts_side_by_side_and_rows_on_top_of_each_other():
+    from benchmarks import fidelity_video
+
+    truth = np.zeros((2, 3, 40, 50, 3), np.uint8)  # 2 starts, 3 steps
+    model = np.full((2, 3, 40, 50, 3), 200, np.uint8)
+    truth[1] = 100
+    frames = fidelity_video.grid_frames([truth, model])
+    assert frames.shape == (3, 80, 100, 3) and frames.dtype == np.uint8
+    # away from the labels: start n in column n, MuJoCo on top, DydiffEnv below
+    assert (frames[:, 30:40, 10:50] == 0).all() and (frames[:, 30:40, 60:100] == 100).all()
+    assert (frames[:, 70:80] == 200).all()
+    assert not (frames[:, :12, :40] == 0).all()  # the label box with its text
