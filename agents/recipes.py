@@ -89,6 +89,9 @@ def add_shared_args(parser: argparse.ArgumentParser) -> None:
                              "directory is refused before any work)")
     parser.add_argument("--iterations", type=int, default=2, help="DyDiff iterations M (0 = single-step model)")
     parser.add_argument("--sampler-steps", type=int, default=None, help="EDM sampler steps (default: the bundle's)")
+    parser.add_argument("--start-states", default="any", choices=("any", "episode_starts", "stored"),
+                        help="where rollouts start: dataset states drawn uniformly (any, default), episode starts "
+                             "only, or uniformly over the bundle's stored sample (episode starts ~10x more often)")
 
 
 def add_common_args(parser: argparse.ArgumentParser, steps: int, rollout_every: int, rollout_starts: int,
@@ -99,9 +102,6 @@ def add_common_args(parser: argparse.ArgumentParser, steps: int, rollout_every: 
     parser.add_argument("--no-dydiff", action="store_true", help="same budget on real data only (the baseline)")
     parser.add_argument("--rollout-every", type=int, default=rollout_every, help="gradient steps between rollouts")
     parser.add_argument("--rollout-starts", type=int, default=rollout_starts, help="start states per rollout")
-    parser.add_argument("--start-states", default="any", choices=("any", "episode_starts", "stored"),
-                        help="where rollouts start: dataset states drawn uniformly (any, default), episode starts "
-                             "only, or uniformly over the bundle's stored sample (episode starts ~10x more often)")
     parser.add_argument("--horizon", type=int, default=None, help="rollout horizon (default: the bundle's)")
     parser.add_argument("--real-fraction", type=float, default=0.6)
     parser.add_argument("--eval-every", type=int, default=eval_every)

@@ -57,7 +57,7 @@ def make_env(args, task: str):
     from dydiff_env.adapters import make_sb3_vec_env
 
     env = make_sb3_vec_env(args.num_envs, bundle=args.bundle, task=task, num_iterations=args.iterations,
-                           pool_size=args.pool_size, device=args.device)
+                           pool_size=args.pool_size, start_states=args.start_states, device=args.device)
     # when a handle is set, plans are only served to sub-envs whose agent acts as it (plans="auto")
     if args.sampler_steps:
         env.venv.sampler = replace(env.venv.sampler, num_steps=args.sampler_steps)

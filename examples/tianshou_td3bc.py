@@ -128,7 +128,7 @@ def make_model_env(args, task: str):
     env = make_tianshou_vec_env(args.num_envs, bundle=bundle, task=task, horizon=horizon,
                                 num_iterations=args.iterations, max_episode_steps=horizon,
                                 plans="always" if args.exploration_noise == 0 else "auto",
-                                start_states="any", pool_size=args.pool_size, device=args.device)
+                                start_states=args.start_states, pool_size=args.pool_size, device=args.device)
     if args.sampler_steps:
         env.venv.sampler = replace(env.venv.sampler, num_steps=args.sampler_steps)
     env.seed(args.seed)
