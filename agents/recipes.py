@@ -89,9 +89,13 @@ def add_shared_args(parser: argparse.ArgumentParser) -> None:
                              "directory is refused before any work)")
     parser.add_argument("--iterations", type=int, default=2, help="DyDiff iterations M (0 = single-step model)")
     parser.add_argument("--sampler-steps", type=int, default=None, help="EDM sampler steps (default: the bundle's)")
-    parser.add_argument("--start-states", default="any", choices=("any", "episode_starts", "stored"),
-                        help="where rollouts start: dataset states drawn uniformly (any, default), episode starts "
-                             "only, or uniformly over the bundle's stored sample (episode starts ~10x more often)")
+    # stored, not the env's uniform default: with TD3+BC, rollouts from the stored sample (episode starts ~10x
+    # their share of the dataset; the evaluation starts there too) scored 31.4 +- 2.5 over 3 seeds, uniform
+    # dataset states 25.9 +- 2.6 (README, "TD3+BC with and without DyDiff")
+    parser.add_argument("--start-states", default="stored", choices=("any", "episode_starts", "stored"),
+                        help="where model rollouts start: uniformly over the bundle's stored sample of dataset states "
+                             "(stored, default: episode starts about 10x more often than in the dataset), dataset "
+                             "states drawn uniformly (any), or episode starts only")
 
 
 def add_common_args(parser: argparse.ArgumentParser, steps: int, rollout_every: int, rollout_starts: int,
