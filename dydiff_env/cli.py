@@ -50,6 +50,30 @@ COLLECT_PRESETS = {
         "Hopper-v5, the hopper-medium episodes plus as many steps of the expert snapshot (D4RL 'medium-expert')."),
     "hopper-random": CollectPreset(
         "hopper", "dydiff/hopper/random-v0", ("random",), 100_000, "Hopper-v5, uniform random actions."),
+    # one SAC run (walker2d-sac-snapshots.csv): replay-1/2/3 at 15k/100k/160k, medium at 215k, expert at 325k
+    "walker2d-medium": CollectPreset(
+        "walker2d", "dydiff/walker2d/medium-v0", ("medium",), 200_000,
+        "Walker2d-v5, stochastic SAC snapshot at about 25 % of the expert snapshot's return (D4RL 'medium' recipe)."),
+    "walker2d-medium-replay": CollectPreset(
+        "walker2d", "dydiff/walker2d/medium-replay-v0", ("replay-1", "replay-2", "replay-3", "medium"), 200_000,
+        "Walker2d-v5, equal shares of SAC snapshots from early training up to the medium snapshot."),
+    "walker2d-expert": CollectPreset(
+        "walker2d", "dydiff/walker2d/expert-v0", ("expert",), 200_000,
+        "Walker2d-v5, stochastic SAC snapshot at about 93 % of the D4RL expert score."),
+    "walker2d-medium-expert": CollectPreset(
+        "walker2d", "dydiff/walker2d/medium-expert-v0", ("medium", "expert"), 400_000,
+        "Walker2d-v5, the walker2d-medium episodes plus as many steps of the expert snapshot."),
+    "walker2d-random": CollectPreset(
+        "walker2d", "dydiff/walker2d/random-v0", ("random",), 100_000, "Walker2d-v5, uniform random actions."),
+    # provisional actors of one SAC run stopped at ~160k steps (halfcheetah-sac-snapshots.csv); no expert yet
+    "halfcheetah-medium": CollectPreset(
+        "halfcheetah", "dydiff/halfcheetah/medium-v0", ("medium",), 200_000,
+        "HalfCheetah-v5, stochastic SAC snapshot at about 31 % of the D4RL expert score (provisional)."),
+    "halfcheetah-medium-replay": CollectPreset(
+        "halfcheetah", "dydiff/halfcheetah/medium-replay-v0", ("replay-1", "replay-2", "replay-3", "medium"), 200_000,
+        "HalfCheetah-v5, equal shares of SAC snapshots from early training up to the medium snapshot (provisional)."),
+    "halfcheetah-random": CollectPreset(
+        "halfcheetah", "dydiff/halfcheetah/random-v0", ("random",), 100_000, "HalfCheetah-v5, uniform random actions."),
 }
 
 

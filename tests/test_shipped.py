@@ -8,6 +8,7 @@ from dydiff_env.behaviour import load_shipped_actor
 from dydiff_env.bundle import load_bundle
 from dydiff_env.data import DEFAULT_DATASET_ID
 from dydiff_env.env import shipped_bundle_path
+from dydiff_env.tasks import get_task
 
 
 def test_shipped_bundle_loads_and_is_small():
@@ -51,17 +52,31 @@ def test_every_collect_preset_names_shipped_actors():
                 load_shipped_actor(preset.task, actor)  # raises if a preset names an actor that is not shipped
 
 
-def test_medium_expert_starts_with_the_medium_episodes():
+@pytest.mark.parametrize("task", ["hopper", "walker2d"])
+def test_medium_expert_starts_with_the_medium_episodes(task):
     """As in D4RL, medium-expert is the medium data plus expert data: same actor, seed and share, same episodes."""
     from dydiff_env.cli import main
     from dydiff_env.data import load_dataset
 
-    assert main(["collect", "hopper-medium", "--steps", "150", "--dataset-id", "test/hopper/m-v0"]) == 0
-    assert main(["collect", "hopper-medium-expert", "--steps", "300", "--dataset-id", "test/hopper/me-v0"]) == 0
-    medium, medium_expert = load_dataset("test/hopper/m-v0"), load_dataset("test/hopper/me-v0")
+    assert main(["collect", f"{task}-medium", "--steps", "150", "--dataset-id", f"test/{task}/m-v0"]) == 0
+    assert main(["collect", f"{task}-medium-expert", "--steps", "300", "--dataset-id", f"test/{task}/me-v0"]) == 0
+    medium, medium_expert = load_dataset(f"test/{task}/m-v0"), load_dataset(f"test/{task}/me-v0")
     n = len(medium)
     assert len(medium_expert) > n
     np.testing.assert_array_equal(medium_expert.observations[:n], medium.observations)
     np.testing.assert_array_equal(medium_expert.actions[:n], medium.actions)
     # the rest is the expert's, which survives longer than the medium actor on average
     assert medium_expert.episode_returns[len(medium.episode_returns):].mean() > medium.episode_returns.mean()
+
+
+def test_every_task_has_collect_presets_that_write_replayable_datasets():
+    """Each task's medium preset collects with the simulator's qpos/qvel and the task's reference scores."""
+    from dydiff_env.cli import COLLECT_PRESETS, main
+    from dydiff_env.data import load_dataset
+
+    for task in ("walker2d", "halfcheetah"):
+        assert {f"{task}-medium", f"{task}-medium-replay", f"{task}-random"} <= set(COLLECT_PRESETS)
+        assert main(["collect", f"{task}-medium", "--steps", "60", "--dataset-id", f"test/{task}/presets-v0"]) == 0
+        data = load_dataset(f"test/{task}/presets-v0")
+        assert data.env_id == get_task(task).env_id and len(data) >= 60
+        assert data.qpos is not None and data.qvel is not None
