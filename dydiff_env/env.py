@@ -82,11 +82,6 @@ STAT_KEYS = ("plan_steps", "model_steps", "rollout_calls", "pool_generations", "
              "replans", "uncertain", "nonfinite", "clipped_actions")
 
 
-def parse_autoreset_mode(mode: AutoresetMode | str) -> AutoresetMode:
-    """An `AutoresetMode` from itself, its name ("SAME_STEP") or its value ("SameStep"), as documented."""
-    return AutoresetMode(EnvConfig(autoreset_mode=mode).autoreset_mode)
-
-
 def shipped_bundle_path(task: str) -> Path:
     return SHIPPED_BUNDLES / task
 
@@ -590,11 +585,12 @@ class DydiffEnv(gym.vector.VectorEnv):
                 s.pool_on = True
         t = s.t[ids]
         plan_a = s.plan.actions[tid, torch.as_tensor(np.minimum(t, self.horizon - 1))]
-        in_plan = s.on_plan[ids] & (t < s.plan.length[tid].cpu().numpy())
+        plan_length = s.plan.length[tid].cpu().numpy()  # the plans stay put below: continuations go to next_plan
+        in_plan = s.on_plan[ids] & (t < plan_length)
         follows = in_plan & ((a - plan_a).abs().amax(1) <= tol).cpu().numpy()
         self._count_pool_starts(s, ids, follows)
         # a follower about to use the last step of its plan needs its continuation now: serve the whole queue
-        at_end = follows & (t + 1 >= s.plan.length[tid].cpu().numpy())
+        at_end = follows & (t + 1 >= plan_length)
         if (at_end & self._due_continuations(s)[ids]).any():
             self._generate(s)
 
@@ -637,7 +633,7 @@ class DydiffEnv(gym.vector.VectorEnv):
             trunc_np |= s.elapsed[ids] >= self.max_episode_steps
         s.wants_next[ids] &= ~(term_np | trunc_np)
         # plan ends: an alive follower goes on with its continuation (or in model mode if it has none)
-        ended = ids[follows & (s.t[ids] >= s.plan.length[tid].cpu().numpy()) & ~term_np & ~trunc_np]
+        ended = ids[at_end & ~term_np & ~trunc_np]
         go_on, stop = ended[s.has_next[ended]], ended[~s.has_next[ended]]
         s.on_plan[stop] = False
         if len(go_on):
