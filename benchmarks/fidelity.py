@@ -30,7 +30,9 @@ Regimes (reported separately):
 
 Methods (--methods):
 - ensemble: `dydiff_rollout` with M = 0, the single-step ensemble alone (MBPO/MOPO-style compounding rollout);
-- dydiff-M1 / -M2 / -M3: DyDiff with M refinement rounds;
+- dydiff-M1 / -M2 / -M3: DyDiff with M refinement rounds; any M with suffixes for `RefineConfig` settings:
+  `-a<k>` anchors the first k states to the single-step rollout, `-u` weights each step by the ensemble's
+  uncertainty (`-u<e>`: with diffusion_error e), e.g. dydiff-M2-a16, dydiff-M1-u, dydiff-M2-a8-u0.1;
 - behaviour-prior: DyDiff (M = 2) driven by the bundle's stochastic BC policy, i.e. the regime's actions are
   *not* injected (what a diffusion model without policy injection would predict). It is one computation
   shared by both regimes; only the true trajectory it is compared with differs;
@@ -64,8 +66,10 @@ import dataclasses
 import importlib
 import json
 import math
+import re
 import sys
 import time
+import zlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +85,7 @@ from benchmarks import fidelity_video  # noqa: E402
 from benchmarks.fidelity_metrics import (crossover_horizon, return_error, state_error_curve,  # noqa: E402
                                          termination_agreement, trajectory_length)
 from dydiff_env.bundle import Bundle, load_bundle  # noqa: E402
-from dydiff_env.config import SamplerConfig  # noqa: E402
+from dydiff_env.config import RefineConfig, SamplerConfig  # noqa: E402
 from dydiff_env.data import DEFAULT_DATASET_ID, OfflineData, load_dataset  # noqa: E402
 from dydiff_env.env import DydiffEnv, shipped_bundle_path  # noqa: E402
 from dydiff_env.policies import as_policy  # noqa: E402
@@ -92,6 +96,20 @@ from dydiff_env.rollout import (FilterConfig, RolloutResult, behaviour_policy, c
 
 METHODS = ("ensemble", "dydiff-M1", "dydiff-M2", "dydiff-M3", "behaviour-prior", "env")
 ITERATIONS = {"ensemble": 0, "dydiff-M1": 1, "dydiff-M2": 2, "dydiff-M3": 3, "behaviour-prior": 2, "env": 2}
+VARIANT = re.compile(r"dydiff-M(?P<m>\d+)(?:-a(?P<anchor>\d+))?(?P<blend>-u(?P<error>\d*\.?\d+)?)?")
+
+
+def parse_method(name: str) -> tuple[int, RefineConfig]:
+    """(refinement rounds, refine settings) of a method name; see the module docstring."""
+    if name in ITERATIONS:
+        return ITERATIONS[name], RefineConfig()
+    match = VARIANT.fullmatch(name)
+    if match is None:
+        raise ValueError(f"unknown method '{name}'; choose from {list(METHODS)} or a variant such as "
+                         "dydiff-M2-a16, dydiff-M1-u, dydiff-M2-a8-u0.1")
+    refine = RefineConfig(anchor_steps=int(match["anchor"] or 0), blend="uncertainty" if match["blend"] else "average",
+                          **({"diffusion_error": float(match["error"])} if match["error"] else {}))
+    return int(match["m"]), refine
 REGIMES = ("teacher-forced", "policy-driven", "noisy-policy", "random-actions")
 NOISE_STD = 0.1  # the noisy-policy regime's exploration noise
 DEFAULT_OUT = Path("benchmarks/results/fidelity")
@@ -346,7 +364,8 @@ def build_policy(spec: str, bundle: Bundle, data: OfflineData | None, steps: int
 
 
 def _generator(seed: int, method: str) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + METHODS.index(method) + 1)
+    index = METHODS.index(method) if method in METHODS else zlib.crc32(method.encode()) % 1_000_000 + len(METHODS)
+    return torch.Generator().manual_seed(seed * 1_000_003 + index + 1)
 
 
 def evaluate_methods(bundle: Bundle, start_obs: np.ndarray, truth: Trajectories, regime: str, methods: list[str],
@@ -358,7 +377,7 @@ def evaluate_methods(bundle: Bundle, start_obs: np.ndarray, truth: Trajectories,
     out = {}
     s0 = torch.as_tensor(start_obs, dtype=torch.float32)
     for method in methods:
-        m, note = ITERATIONS[method], None
+        (m, refine), note = parse_method(method), None
         gen = _generator(seed, method)
         if method == "behaviour-prior":
             if "behaviour-prior" not in shared:  # one computation for both regimes
@@ -375,7 +394,7 @@ def evaluate_methods(bundle: Bundle, start_obs: np.ndarray, truth: Trajectories,
             begin = time.perf_counter()
             # teacher-forced: `action_fn` replays the recorded actions (a time-indexed policy)
             result = dydiff_rollout(bundle, s0, action_fn, horizon, m, sampler, FilterConfig("none"), gen,
-                                    dynamics_mode, chunk_size=len(s0))
+                                    dynamics_mode, chunk_size=len(s0), refine=refine)
             traj = Trajectories.from_rollout(result, time.perf_counter() - begin)
         curve = state_error_curve(traj.states, truth.states, truth.terminated, std)
         out[method] = {
@@ -422,10 +441,8 @@ def prepare(args: argparse.Namespace, log=print) -> Setup:
     bundle_path = Path(args.bundle) if args.bundle else shipped_bundle_path("hopper")
     bundle = load_bundle(bundle_path, require=("dynamics", "reward"))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    if any(ITERATIONS[m] > 0 for m in methods):
+    iterations = [parse_method(m)[0] for m in methods]  # raises on an unknown name
+    if any(m > 0 for m in iterations):
         bundle.require("diffusion")
     if "behaviour-prior" in methods or "env" in methods:
         bundle.require("bc")
@@ -434,7 +451,7 @@ def prepare(args: argparse.Namespace, log=print) -> Setup:
     horizon = args.horizon or (min(QUICK["horizon"], max_h) if quick and max_h else max_h)
     if horizon is None:
         raise ValueError("pass --horizon: this bundle has no diffusion model to take a default from")
-    if max_h is not None and any(ITERATIONS[m] > 0 for m in methods) and not 1 <= horizon <= max_h:
+    if max_h is not None and any(m > 0 for m in iterations) and not 1 <= horizon <= max_h:
         raise ValueError(f"--horizon must be in [1, {max_h}] for this bundle's diffusion window of {window} rows")
     num_starts = args.num_starts or (QUICK if quick else FULL)["num_starts"]
     policy_steps = args.policy_steps or (QUICK if quick else FULL)["policy_steps"]

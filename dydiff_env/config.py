@@ -84,6 +84,33 @@ class FilterConfig:
 
 
 @dataclass
+class RefineConfig:
+    """How a DyDiff refinement round combines the diffusion sample with the current states.
+
+    anchor_steps: the first k states come from the single-step ensemble and stay fixed: they are inpainted
+    as conditions, so the diffusion model fills only steps k+1.. (0: only s_0 is given, the reference rule).
+    blend: "average" - the reference's fixed 50/50 average; "uncertainty" - per trajectory and step, weight
+    w = v / (v + diffusion_error^2) on the sample, v the ensemble's own variance estimate of its state at
+    that step (the elites' spread, summed along the trajectory, mean over dimensions, dataset-std units), so
+    the diffusion sample counts where the single-step rollout is unsure.
+    diffusion_error: the diffusion model's state error given true actions, in dataset-std units (the cpu
+    bundle's recorded teacher-forced error is 0.066-0.072 at h = 8-32; metrics.csv).
+    """
+
+    anchor_steps: int = 0
+    blend: str = "average"
+    diffusion_error: float = 0.07
+
+    def __post_init__(self):
+        if self.anchor_steps < 0:
+            raise ValueError(f"anchor_steps must be >= 0, got {self.anchor_steps}")
+        if self.blend not in ("average", "uncertainty"):
+            raise ValueError(f"blend must be 'average' or 'uncertainty', got '{self.blend}'")
+        if not self.diffusion_error > 0:
+            raise ValueError(f"diffusion_error must be > 0, got {self.diffusion_error}")
+
+
+@dataclass
 class DynamicsConfig:
     ensemble_size: int = 7
     num_elites: int = 5

@@ -4,7 +4,9 @@
 
 1. Initial trajectory: a_t = policy(s_t), s_{t+1} = single-step ensemble(s_t, a_t).
 2. `num_iterations` times: sample states from the diffusion model given s_0 and the current actions,
-   average them with the previous states, relabel every action with the policy.
+   average them with the previous states, relabel every action with the policy. `RefineConfig` can anchor
+   the first k states to the single-step rollout (inpainted as conditions, kept bit for bit) and weight
+   the average per step by the ensemble's uncertainty instead of 50/50.
 3. Label rewards with the reward model, termination with the task's rule; cut each trajectory after its
    first predicted termination.
 4. Score trajectories by predicted return and keep a fraction (hardmax / softmax / none).
@@ -23,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import FilterConfig, SamplerConfig
+from .config import FilterConfig, RefineConfig, SamplerConfig
 from .models import edm_sample
 
 Policy = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
@@ -127,15 +129,19 @@ def _first_termination_cut(terminated: torch.Tensor) -> torch.Tensor:
 def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy, horizon: int | None = None,
                    num_iterations: int = 2, sampler: SamplerConfig | None = None,
                    filter: FilterConfig | None = None, generator: torch.Generator | None = None,
-                   dynamics_mode: str = "elite_mean", chunk_size: int = 512) -> RolloutResult:
+                   dynamics_mode: str = "elite_mean", chunk_size: int = 512,
+                   refine: RefineConfig | None = None) -> RolloutResult:
     """DyDiff rollouts of `policy` from `start_obs` (B, obs_dim); see the module docstring.
 
     horizon: transitions per trajectory; at most the diffusion window minus one (the window's last state
     is only a next state). Defaults to three quarters of the window, because the last rows of a U-Net
     window are its least accurate. sampler: EDM sampler settings (default: the bundle's). filter: which
-    trajectories to keep (default hardmax 60 %). Large batches run in chunks of `chunk_size`.
+    trajectories to keep (default hardmax 60 %). refine: how each round combines the diffusion sample with
+    the current states (default: the reference's 50/50 average, only s_0 given). Large batches run in
+    chunks of `chunk_size`.
     """
     sampler = sampler or bundle.config.sampler
+    refine = refine or RefineConfig()
     filter = filter or FilterConfig()
     device = bundle.device
     start_obs = torch.as_tensor(np.asarray(start_obs) if not isinstance(start_obs, torch.Tensor) else start_obs,
@@ -156,45 +162,71 @@ def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy,
         raise ValueError(f"horizon must be in [1, {window - 1}] for this bundle's diffusion window of {window} rows")
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
+    if num_iterations > 0 and refine.anchor_steps >= horizon:
+        raise ValueError(f"anchor_steps ({refine.anchor_steps}) must be below the horizon ({horizon}); anchoring "
+                         "every step is the single-step rollout: use num_iterations=0")
 
     chunks = [_rollout_chunk(bundle, part, policy, horizon, num_iterations, sampler, generator, dynamics_mode, window,
-                             first_row=i * chunk_size)
+                             refine, first_row=i * chunk_size)
               for i, part in enumerate(start_obs.split(chunk_size))]
     result = RolloutResult(*(torch.cat([getattr(c, f) for c in chunks]) for f in RolloutResult.__dataclass_fields__))
     result.kept = filter_trajectories(result.returns, filter, generator)
     return result
 
 
-def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generator, dynamics_mode, window,
+def diffusion_weight(step_variance: torch.Tensor, refine: RefineConfig) -> torch.Tensor:
+    """(B, L, 1) weight of the diffusion sample per trajectory and step; 1 - weight goes to the current states.
+
+    step_variance (B, L): the ensemble's per-step variance (mean over dimensions, dataset-std units) of the
+    transition into each state; its running sum estimates the single-step rollout's error variance there,
+    and the weight is the inverse-variance rule v / (v + diffusion_error^2)."""
+    if refine.blend == "average":
+        return torch.full((*step_variance.shape, 1), 0.5, dtype=step_variance.dtype, device=step_variance.device)
+    variance = torch.cumsum(step_variance, dim=1)
+    return (variance / (variance + refine.diffusion_error ** 2))[..., None]
+
+
+def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generator, dynamics_mode, window, refine,
                    first_row: int = 0) -> RolloutResult:
     obs_dim, act_dim = bundle.obs_dim, bundle.act_dim
     # the diffusion model works on whole windows; a pure single-step rollout needs only horizon + 1 states
     length = window if num_iterations > 0 else horizon + 1
     batch = s0.shape[0]
     rows = torch.arange(first_row, first_row + batch)  # trajectory indices, for time-indexed policies
+    obs_var = torch.as_tensor(bundle.normalizer("obs").std, dtype=s0.dtype, device=s0.device) ** 2
 
     # 1. initial trajectory from the single-step ensemble
     states = [s0]
     actions = []
+    step_variance = [torch.zeros(batch, dtype=s0.dtype, device=s0.device)]  # s_0 is exact
     for t in range(length):
         a = _act(policy, states[-1], act_dim, torch.full((batch,), t, dtype=torch.long), rows)
-        nxt, _ = bundle.dynamics.predict(states[-1], a, mode=dynamics_mode, generator=generator)
+        means, stds = bundle.dynamics.member_predictions(states[-1], a)
         actions.append(a)
-        states.append(nxt)
+        states.append(bundle.dynamics.next_from_members(means, stds, dynamics_mode, generator))
+        step_variance.append((means.var(0, unbiased=False) / obs_var).mean(-1))
     states = torch.stack(states[:length], 1)  # (B, L, obs): s_0 .. s_{L-1}
     actions = torch.stack(actions, 1)  # (B, L, act)
 
-    # 2. diffusion refinement: sample states given s_0 and the actions, average, relabel the actions
+    # 2. diffusion refinement: sample states given s_0 (and the anchored prefix) and the actions, combine,
+    # relabel the actions; the anchored states and the actions that produced them stay as they are
     norm = bundle.normalizer("transition")
-    cond_mask = bundle.diffusion.condition_mask(device=s0.device) if num_iterations > 0 else None
+    anchor = refine.anchor_steps
+    anchored_states, anchored_actions = states[:, : anchor + 1].clone(), actions[:, :anchor].clone()
+    weight = diffusion_weight(torch.stack(step_variance[:length], 1), refine)
+    if num_iterations > 0:
+        cond_mask = bundle.diffusion.condition_mask(device=s0.device).clone()
+        cond_mask[: anchor + 1, :obs_dim] = True
     for _ in range(num_iterations):
         cond = norm.to_unit(torch.cat([states, actions], -1))
         sample = edm_sample(bundle.diffusion.denoise, cond, cond_mask, sampler, generator)
         sampled_states = norm.from_unit(sample)[..., :obs_dim]
-        states = 0.5 * (sampled_states + states)
-        states[:, 0] = s0  # the unit-scaling round trip is not bit-exact; s_0 is given, so keep it exact
+        states = weight * sampled_states + (1 - weight) * states
+        # the unit-scaling round trip is not bit-exact; given states are kept exact
+        states[:, : anchor + 1] = anchored_states
         actions = _act(policy, states.reshape(-1, obs_dim), act_dim, torch.arange(length).repeat(batch),
                        rows.repeat_interleave(length)).reshape(actions.shape)
+        actions[:, :anchor] = anchored_actions
 
     # 3. labels: transition t goes from states[:, t] to states[:, t + 1]
     obs, next_obs, acts = states[:, :horizon], states[:, 1 : horizon + 1], actions[:, :horizon]

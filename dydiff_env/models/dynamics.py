@@ -85,15 +85,21 @@ class DynamicsEnsemble(nn.Module):
         """
         means, stds = self.member_predictions(obs, act)
         disagreement = (means.std(0, unbiased=False) / self.delta_std).max(-1).values
+        return self.next_from_members(means, stds, mode, generator), disagreement
+
+    @staticmethod
+    def next_from_members(means: torch.Tensor, stds: torch.Tensor, mode: str = "elite_mean",
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+        """Next states (B, obs) from `member_predictions`' output by the rule `mode` (see `predict`)."""
         if mode == "mean":
-            return means.mean(0), disagreement
+            return means.mean(0)
         if mode not in ("elite_mean", "sample"):
             raise ValueError(f"unknown prediction mode '{mode}'; use mean, elite_mean or sample")
-        batch = obs.shape[0]
-        pick = torch.randint(0, means.shape[0], (batch,), generator=generator).to(obs.device)
-        rows = torch.arange(batch, device=obs.device)
+        batch = means.shape[1]
+        pick = torch.randint(0, means.shape[0], (batch,), generator=generator).to(means.device)
+        rows = torch.arange(batch, device=means.device)
         next_obs = means[pick, rows]
         if mode == "sample":
-            noise = torch.randn(next_obs.shape, generator=generator).to(obs.device)
+            noise = torch.randn(next_obs.shape, generator=generator).to(means.device)
             next_obs = next_obs + stds[pick, rows] * noise
-        return next_obs, disagreement
+        return next_obs
