@@ -32,7 +32,8 @@ Methods (--methods):
 - ensemble: `dydiff_rollout` with M = 0, the single-step ensemble alone (MBPO/MOPO-style compounding rollout);
 - dydiff-M1 / -M2 / -M3: DyDiff with M refinement rounds; any M with suffixes for `RefineConfig` settings:
   `-a<k>` anchors the first k states to the single-step rollout, `-u` weights each step by the ensemble's
-  uncertainty (`-u<e>`: with diffusion_error e), e.g. dydiff-M2-a16, dydiff-M1-u, dydiff-M2-a8-u0.1;
+  uncertainty (`-u<e>`: with diffusion_error e; `-p<n>`: over n probe steps), e.g. dydiff-M2-a16, dydiff-M1-u,
+  dydiff-M2-a8-u0.1, dydiff-M1-u-p0;
 - behaviour-prior: DyDiff (M = 2) driven by the bundle's stochastic BC policy, i.e. the regime's actions are
   *not* injected (what a diffusion model without policy injection would predict). It is one computation
   shared by both regimes; only the true trajectory it is compared with differs;
@@ -96,7 +97,7 @@ from dydiff_env.rollout import (FilterConfig, RolloutResult, behaviour_policy, c
 
 METHODS = ("ensemble", "dydiff-M1", "dydiff-M2", "dydiff-M3", "behaviour-prior", "env")
 ITERATIONS = {"ensemble": 0, "dydiff-M1": 1, "dydiff-M2": 2, "dydiff-M3": 3, "behaviour-prior": 2, "env": 2}
-VARIANT = re.compile(r"dydiff-M(?P<m>\d+)(?:-a(?P<anchor>\d+))?(?P<blend>-u(?P<error>\d*\.?\d+)?)?")
+VARIANT = re.compile(r"dydiff-M(?P<m>\d+)(?:-a(?P<anchor>\d+))?(?P<blend>-u(?P<error>\d*\.?\d+)?(?:-p(?P<probe>\d+))?)?")
 
 
 def parse_method(name: str) -> tuple[int, RefineConfig]:
@@ -108,7 +109,8 @@ def parse_method(name: str) -> tuple[int, RefineConfig]:
         raise ValueError(f"unknown method '{name}'; choose from {list(METHODS)} or a variant such as "
                          "dydiff-M2-a16, dydiff-M1-u, dydiff-M2-a8-u0.1")
     refine = RefineConfig(anchor_steps=int(match["anchor"] or 0), blend="uncertainty" if match["blend"] else "average",
-                          **({"diffusion_error": float(match["error"])} if match["error"] else {}))
+                          **({"diffusion_error": float(match["error"])} if match["error"] else {}),
+                          **({"probe_steps": int(match["probe"])} if match["probe"] else {}))
     return int(match["m"]), refine
 REGIMES = ("teacher-forced", "policy-driven", "noisy-policy", "random-actions")
 NOISE_STD = 0.1  # the noisy-policy regime's exploration noise

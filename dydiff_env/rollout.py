@@ -174,16 +174,30 @@ def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy,
     return result
 
 
-def diffusion_weight(step_variance: torch.Tensor, refine: RefineConfig) -> torch.Tensor:
+def diffusion_weight(step_variance: torch.Tensor, refine: RefineConfig,
+                     probe_gap: torch.Tensor | None = None) -> torch.Tensor:
     """(B, L, 1) weight of the diffusion sample per trajectory and step; 1 - weight goes to the current states.
 
     step_variance (B, L): the ensemble's per-step variance (mean over dimensions, dataset-std units) of the
-    transition into each state; its running sum estimates the single-step rollout's error variance there,
-    and the weight is the inverse-variance rule v / (v + diffusion_error^2)."""
+    transition into each state; its running sum v estimates the single-step rollout's error variance there.
+    probe_gap (B,): the mean square distance between the first diffusion sample and the single-step
+    states over the probe steps, a per-trajectory floor on the diffusion model's error variance e^2.
+    The weight is the inverse-variance rule v / (v + e^2)."""
     if refine.blend == "average":
         return torch.full((*step_variance.shape, 1), 0.5, dtype=step_variance.dtype, device=step_variance.device)
     variance = torch.cumsum(step_variance, dim=1)
-    return (variance / (variance + refine.diffusion_error ** 2))[..., None]
+    error = torch.full_like(variance[:, :1], refine.diffusion_error ** 2)
+    if probe_gap is not None:
+        error = torch.maximum(error, probe_gap[:, None])
+    return (variance / (variance + error))[..., None]
+
+
+def probe_distance(sampled_states: torch.Tensor, states: torch.Tensor, obs_var: torch.Tensor, steps: int) -> torch.Tensor | None:
+    """(B,) mean square distance (dataset-std units) between two state trajectories over steps 1..steps."""
+    if steps == 0:
+        return None
+    gap = (sampled_states[:, 1 : steps + 1] - states[:, 1 : steps + 1]) ** 2 / obs_var
+    return gap.mean(dim=(1, 2))
 
 
 def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generator, dynamics_mode, window, refine,
@@ -213,14 +227,18 @@ def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generat
     norm = bundle.normalizer("transition")
     anchor = refine.anchor_steps
     anchored_states, anchored_actions = states[:, : anchor + 1].clone(), actions[:, :anchor].clone()
-    weight = diffusion_weight(torch.stack(step_variance[:length], 1), refine)
+    step_variance = torch.stack(step_variance[:length], 1)
+    weight = diffusion_weight(step_variance, refine)
     if num_iterations > 0:
         cond_mask = bundle.diffusion.condition_mask(device=s0.device).clone()
         cond_mask[: anchor + 1, :obs_dim] = True
-    for _ in range(num_iterations):
+    for iteration in range(num_iterations):
         cond = norm.to_unit(torch.cat([states, actions], -1))
         sample = edm_sample(bundle.diffusion.denoise, cond, cond_mask, sampler, generator)
         sampled_states = norm.from_unit(sample)[..., :obs_dim]
+        if iteration == 0 and refine.blend == "uncertainty":  # the first sample against the single-step states
+            gap = probe_distance(sampled_states, states, obs_var, min(refine.probe_steps, length - 1))
+            weight = diffusion_weight(step_variance, refine, gap)
         states = weight * sampled_states + (1 - weight) * states
         # the unit-scaling round trip is not bit-exact; given states are kept exact
         states[:, : anchor + 1] = anchored_states

@@ -86,6 +86,13 @@ def test_diffusion_weight_rule():
     w = diffusion_weight(step_variance, RefineConfig(blend="uncertainty", diffusion_error=0.1))[0, :, 0]
     # running variance 0, 0.01, 0.04, 0.04 against 0.1^2: weights 0, 1/2, 4/5, 4/5
     torch.testing.assert_close(w, torch.tensor([0.0, 0.5, 0.8, 0.8]))
+    # a probe gap above diffusion_error^2 replaces it: 0.04 against 0.04 + 0.04
+    probed = diffusion_weight(step_variance, RefineConfig(blend="uncertainty", diffusion_error=0.1),
+                              torch.tensor([0.04]))[0, :, 0]
+    torch.testing.assert_close(probed, torch.tensor([0.0, 0.2, 0.5, 0.5]))
+    below = diffusion_weight(step_variance, RefineConfig(blend="uncertainty", diffusion_error=0.1),
+                             torch.tensor([0.001]))[0, :, 0]
+    torch.testing.assert_close(below, w)
 
 
 def make_ensemble_exact(bundle) -> None:
@@ -131,7 +138,27 @@ def test_uncertainty_blend_follows_the_more_certain_model(bundle, starts, diffus
     target[:, 0] = starts
     exact_diffusion_model(bundle, target)
     blended = dydiff_rollout(bundle, starts, linear_policy(), num_iterations=1,
-                             refine=RefineConfig(blend="uncertainty", diffusion_error=diffusion_error), **kw)
+                             refine=RefineConfig(blend="uncertainty", diffusion_error=diffusion_error, probe_steps=0),
+                             **kw)
     reference = target[:, :12] if expect == "diffusion" else single.obs
     torch.testing.assert_close(blended.obs[:, 1:], reference[:, 1:], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(blended.obs[:, 0], starts, rtol=0, atol=0)
+
+
+def test_a_diffusion_model_far_off_at_the_probe_steps_gets_little_weight(bundle, starts):
+    # an "exact" diffusion model of a wrong trajectory: the probe measures the gap where the ensemble is good
+    window = bundle.diffusion.horizon
+    kw = dict(horizon=12, filter=NONE, dynamics_mode="mean", sampler=SamplerConfig(kind="euler", num_steps=4))
+    single = dydiff_rollout(bundle, starts, linear_policy(), num_iterations=0, **kw)
+    std = torch.as_tensor(bundle.normalizer("obs").std)
+    wrong = single.obs[:, :1].expand(-1, window, -1) + 3.0 * std  # 3 stds off from step 1 on
+    wrong = wrong.clone()
+    wrong[:, 0] = starts
+    exact_diffusion_model(bundle, wrong)
+    refine = RefineConfig(blend="uncertainty", diffusion_error=1e-3)
+    probed = dydiff_rollout(bundle, starts, linear_policy(), num_iterations=1, refine=refine, **kw)
+    blind = dydiff_rollout(bundle, starts, linear_policy(), num_iterations=1,
+                           refine=RefineConfig(blend="uncertainty", diffusion_error=1e-3, probe_steps=0), **kw)
+    gap_probed = ((probed.obs - single.obs) / std).abs().mean()
+    gap_blind = ((blind.obs - single.obs) / std).abs().mean()
+    assert gap_probed < 0.05 * gap_blind  # the probe keeps the rollout near the single-step states
