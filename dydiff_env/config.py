@@ -90,22 +90,29 @@ class RefineConfig:
     anchor_steps: the first k states come from the single-step ensemble and stay fixed: they are inpainted
     as conditions, so the diffusion model fills only steps k+1.. (0: only s_0 is given, the reference rule).
     blend: "average" - the reference's fixed 50/50 average; "uncertainty" - per trajectory and step, weight
-    w = v / (v + diffusion_error^2) on the sample, v the ensemble's own variance estimate of its state at
-    that step (the elites' spread, summed along the trajectory, mean over dimensions, dataset-std units), so
-    the diffusion sample counts where the single-step rollout is unsure.
-    diffusion_error: the diffusion model's state error given true actions, in dataset-std units (the cpu
-    bundle's recorded teacher-forced error is 0.066-0.072 at h = 8-32; metrics.csv).
+    w = v / (v + e^2) on the sample (inverse-variance rule). v is the ensemble's own variance estimate of its
+    state at that step: the elites' spread, summed along the trajectory, mean over dimensions, dataset-std
+    units. e^2 is the diffusion model's error estimate for this trajectory: the larger of diffusion_error^2
+    and the mean square distance between its first sample and the single-step states over steps
+    1..probe_steps, where the single-step model is accurate. Conditioned on actions the data never shows,
+    the diffusion model is off from the first step; that distance then puts the weight on the ensemble.
+    diffusion_error: the diffusion model's state error given true actions (RMS, dataset-std units; the cpu
+    bundle's recorded teacher-forced error is 0.066-0.072 at h = 8-32, metrics.csv). probe_steps: 0 uses
+    diffusion_error alone.
     """
 
     anchor_steps: int = 0
     blend: str = "average"
     diffusion_error: float = 0.07
+    probe_steps: int = 4
 
     def __post_init__(self):
         if self.anchor_steps < 0:
             raise ValueError(f"anchor_steps must be >= 0, got {self.anchor_steps}")
         if self.blend not in ("average", "uncertainty"):
             raise ValueError(f"blend must be 'average' or 'uncertainty', got '{self.blend}'")
+        if self.probe_steps < 0:
+            raise ValueError(f"probe_steps must be >= 0, got {self.probe_steps}")
         if not self.diffusion_error > 0:
             raise ValueError(f"diffusion_error must be > 0, got {self.diffusion_error}")
 
