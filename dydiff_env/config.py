@@ -278,6 +278,8 @@ class EnvConfig:
     sampler: EDM sampler of the plans (default: the bundle's).
     filter: which pool plans are kept, by predicted return. It chooses among start states, so it applies to
         pool plans only: a plan that must start where the agent is (a continuation, a first plan) is kept.
+    refine: how each refinement round combines the diffusion sample with the current states (`RefineConfig`;
+        also a dict of its fields).
     pool_size: plans per pool generation (default: max(num_envs, 16)).
     refresh_every: regenerate the pool after this many served steps (None: when it is used up).
     action_tolerance: an action within this max-abs distance of the plan's action is on plan.
@@ -301,6 +303,7 @@ class EnvConfig:
     num_iterations: int = 2
     sampler: SamplerConfig | None = None
     filter: FilterConfig = field(default_factory=FilterConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     pool_size: int | None = None
     refresh_every: int | None = None
     action_tolerance: float = 1e-5
@@ -334,6 +337,10 @@ class EnvConfig:
             self.filter = FilterConfig(self.filter)
         elif isinstance(self.filter, dict):
             self.filter = FilterConfig(**self.filter)
+        if isinstance(self.refine, dict):
+            self.refine = RefineConfig(**self.refine)
+        if not isinstance(self.refine, RefineConfig):
+            raise ValueError(f"refine must be a RefineConfig or a dict of its fields, got {self.refine!r}")
         for name in ("horizon", "pool_size", "refresh_every", "max_episode_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -273,7 +273,7 @@ class DydiffEnv(gym.vector.VectorEnv):
         return dydiff_rollout(self.bundle, start_obs, policy, horizon=self.horizon,
                               num_iterations=self.config.num_iterations, sampler=self.sampler,
                               filter=filter_config, generator=self._generator,
-                              dynamics_mode=self.config.rollout_dynamics)
+                              dynamics_mode=self.config.rollout_dynamics, refine=self.config.refine)
 
     def _generate(self, s: EnvState, first_ids: np.ndarray | None = None, pool_count: int = 0) -> None:
         """One batched DyDiff rollout for everything pending in `s`: first plans for the sub-envs `first_ids`

@@ -19,7 +19,7 @@ NONE = FilterConfig("none")
 def linear_policy(seed: int = 0, scale: float = 0.3):
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(OBS_DIM, ACT_DIM, generator=g) * scale
-    return lambda obs: torch.tanh(obs @ weight)
+    return lambda obs: torch.tanh(torch.as_tensor(obs, dtype=torch.float32) @ weight)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -162,3 +162,18 @@ def test_a_diffusion_model_far_off_at_the_probe_steps_gets_little_weight(bundle,
     gap_probed = ((probed.obs - single.obs) / std).abs().mean()
     gap_blind = ((blind.obs - single.obs) / std).abs().mean()
     assert gap_probed < 0.05 * gap_blind  # the probe keeps the rollout near the single-step states
+
+
+def test_env_takes_refine_settings(bundle, starts):
+    from dydiff_env import DydiffEnv, EnvConfig
+
+    assert EnvConfig(refine={"blend": "uncertainty"}).refine == RefineConfig(blend="uncertainty")
+    with pytest.raises(ValueError, match="refine must be"):
+        EnvConfig(refine="uncertainty")
+    with pytest.raises(ValueError, match="blend"):
+        EnvConfig(refine={"blend": "median"})
+    env = DydiffEnv(2, bundle=bundle, pool_size=8, refine=RefineConfig(anchor_steps=3))
+    single = DydiffEnv(2, bundle=bundle, pool_size=8, num_iterations=0)
+    anchored = env.rollout(4, policy=linear_policy(), start_obs=starts[:4], rng=np.random.default_rng(1))
+    plain = single.rollout(4, policy=linear_policy(), start_obs=starts[:4], rng=np.random.default_rng(1))
+    assert torch.equal(anchored.obs[:, :4], plain.obs[:, :4])  # the same generator seed: the same elite draws
