@@ -192,11 +192,14 @@ def diffusion_weight(step_variance: torch.Tensor, refine: RefineConfig,
     return (variance / (variance + error))[..., None]
 
 
-def probe_distance(sampled_states: torch.Tensor, states: torch.Tensor, obs_var: torch.Tensor, steps: int) -> torch.Tensor | None:
-    """(B,) mean square distance (dataset-std units) between two state trajectories over steps 1..steps."""
-    if steps == 0:
+def probe_distance(sampled_states: torch.Tensor, states: torch.Tensor, obs_var: torch.Tensor, first: int,
+                   steps: int) -> torch.Tensor | None:
+    """(B,) mean square distance (dataset-std units) between two state trajectories over `steps` steps from
+    `first` on (the first free states: anchored ones are conditions, equal in both)."""
+    last = min(first + steps, states.shape[1])
+    if steps == 0 or last <= first:
         return None
-    gap = (sampled_states[:, 1 : steps + 1] - states[:, 1 : steps + 1]) ** 2 / obs_var
+    gap = (sampled_states[:, first:last] - states[:, first:last]) ** 2 / obs_var
     return gap.mean(dim=(1, 2))
 
 
@@ -237,7 +240,7 @@ def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generat
         sample = edm_sample(bundle.diffusion.denoise, cond, cond_mask, sampler, generator)
         sampled_states = norm.from_unit(sample)[..., :obs_dim]
         if iteration == 0 and refine.blend == "uncertainty":  # the first sample against the single-step states
-            gap = probe_distance(sampled_states, states, obs_var, min(refine.probe_steps, length - 1))
+            gap = probe_distance(sampled_states, states, obs_var, anchor + 1, refine.probe_steps)
             weight = diffusion_weight(step_variance, refine, gap)
         states = weight * sampled_states + (1 - weight) * states
         # the unit-scaling round trip is not bit-exact; given states are kept exact

@@ -177,3 +177,17 @@ def test_env_takes_refine_settings(bundle, starts):
     anchored = env.rollout(4, policy=linear_policy(), start_obs=starts[:4], rng=np.random.default_rng(1))
     plain = single.rollout(4, policy=linear_policy(), start_obs=starts[:4], rng=np.random.default_rng(1))
     assert torch.equal(anchored.obs[:, :4], plain.obs[:, :4])  # the same generator seed: the same elite draws
+
+
+def test_probe_measures_the_first_free_steps():
+    from dydiff_env.rollout import probe_distance
+
+    states = torch.zeros(1, 10, 2)
+    sampled = states.clone()
+    sampled[:, 4:6] = 1.0  # off on steps 4 and 5 only
+    unit = torch.ones(2)
+    assert probe_distance(sampled, states, unit, first=1, steps=2).item() == 0.0
+    assert probe_distance(sampled, states, unit, first=4, steps=2).item() == 1.0  # anchor 3: steps 4, 5
+    assert probe_distance(sampled, states, unit, first=9, steps=4).item() == 0.0  # clipped at the window
+    assert probe_distance(sampled, states, unit, first=10, steps=4) is None
+    assert probe_distance(sampled, states, unit, first=1, steps=0) is None
