@@ -30,17 +30,19 @@ Regimes (reported separately):
 
 Methods (--methods):
 - ensemble: `dydiff_rollout` with M = 0, the single-step ensemble alone (MBPO/MOPO-style compounding rollout);
-- dydiff-M1 / -M2 / -M3: DyDiff with M refinement rounds; any M with suffixes for `RefineConfig` settings:
-  `-a<k>` anchors the first k states to the single-step rollout, `-u` weights each step by the ensemble's
-  uncertainty (`-u<e>`: with diffusion_error e; `-p<n>`: over n probe steps), e.g. dydiff-M2-a16, dydiff-M1-u,
-  dydiff-M2-a8-u0.1, dydiff-M1-u-p0;
-- behaviour-prior: DyDiff (M = 2) driven by the bundle's stochastic BC policy, i.e. the regime's actions are
+- dydiff-M1 / -M2 / -M3: DyDiff with M refinement rounds and the paper's rule (only s_0 given, 50/50 average);
+  any M with suffixes for `RefineConfig` settings: `-a<k>` anchors the first k states to the single-step
+  rollout, `-u` weights each step by the ensemble's uncertainty, its error floor probed on the first free
+  steps (`-u<e>`: diffusion_error e; `-p<n>`: n probe steps, -p0 none; `-g<r>`: max_probe_ratio r; no gate
+  without it), e.g. dydiff-M2-a16, dydiff-M1-u, dydiff-M2-a8-u0.1-p0. dydiff-M2-u-g4 is `dydiff_rollout`'s
+  and `DydiffEnv`'s default;
+- behaviour-prior: DyDiff (M = 2, the paper's rule) driven by the bundle's stochastic BC policy, i.e. the regime's actions are
   *not* injected (what a diffusion model without policy injection would predict). It is one computation
   shared by both regimes; only the true trajectory it is compared with differs;
-- env: `DydiffEnv` with its default settings (plans="auto", M = 2, plans of 3/4 of the window continued at
+- env: `DydiffEnv` with its default settings (plans="auto", M = 2 with the default refinement, plans of 3/4 of the window continued at
   their ends; filter "none", no time limit) started at the same states (`reset_to`), with the learning policy
   as its handle, and stepped with the regime's actions. policy-driven: the agent acts as the handle, so the env
-  serves DyDiff plans (the first from the start state, matching dydiff-M2 up to sampling noise, then their
+  serves DyDiff plans (the first from the start state, matching dydiff-M2-u-g4 up to sampling noise, then their
   continuations); every other regime leaves the plan at the first step, so the env steps its single-step
   model (`model_dynamics`, by default one random elite's mean): these rows measure the env's own off-plan
   transitions against MuJoCo.
@@ -95,20 +97,23 @@ from agents.trainer import json_safe  # noqa: E402
 from dydiff_env.rollout import (FilterConfig, RolloutResult, behaviour_policy, call_policy,  # noqa: E402
                                 dydiff_rollout)
 
-METHODS = ("ensemble", "dydiff-M1", "dydiff-M2", "dydiff-M3", "behaviour-prior", "env")
+METHODS = ("ensemble", "dydiff-M1", "dydiff-M2", "dydiff-M3", "behaviour-prior", "env", "dydiff-M2-u-g4")
 ITERATIONS = {"ensemble": 0, "dydiff-M1": 1, "dydiff-M2": 2, "dydiff-M3": 3, "behaviour-prior": 2, "env": 2}
-VARIANT = re.compile(r"dydiff-M(?P<m>\d+)(?:-a(?P<anchor>\d+))?(?P<blend>-u(?P<error>\d*\.?\d+)?(?:-p(?P<probe>\d+))?)?")
+REFERENCE = RefineConfig(blend="average")  # the paper's rule: only s_0 given, 50/50 average
+VARIANT = re.compile(r"dydiff-M(?P<m>\d+)(?:-a(?P<anchor>\d+))?(?P<blend>-u(?P<error>\d*\.?\d+)?(?:-p(?P<probe>\d+))?(?:-g(?P<gate>\d*\.?\d+))?)?")
 
 
 def parse_method(name: str) -> tuple[int, RefineConfig]:
     """(refinement rounds, refine settings) of a method name; see the module docstring."""
     if name in ITERATIONS:
-        return ITERATIONS[name], RefineConfig()
+        return ITERATIONS[name], REFERENCE
     match = VARIANT.fullmatch(name)
     if match is None:
         raise ValueError(f"unknown method '{name}'; choose from {list(METHODS)} or a variant such as "
                          "dydiff-M2-a16, dydiff-M1-u, dydiff-M2-a8-u0.1")
+    # every setting the name leaves out is off (no gate without -g), so a name means the same under any defaults
     refine = RefineConfig(anchor_steps=int(match["anchor"] or 0), blend="uncertainty" if match["blend"] else "average",
+                          max_probe_ratio=float(match["gate"]) if match["gate"] else None,
                           **({"diffusion_error": float(match["error"])} if match["error"] else {}),
                           **({"probe_steps": int(match["probe"])} if match["probe"] else {}))
     return int(match["m"]), refine
@@ -385,7 +390,7 @@ def evaluate_methods(bundle: Bundle, start_obs: np.ndarray, truth: Trajectories,
             if "behaviour-prior" not in shared:  # one computation for both regimes
                 begin = time.perf_counter()
                 result = dydiff_rollout(bundle, s0, behaviour_policy(bundle, gen), horizon, m, sampler,
-                                        FilterConfig("none"), gen, dynamics_mode)
+                                        FilterConfig("none"), gen, dynamics_mode, refine=REFERENCE)
                 shared["behaviour-prior"] = Trajectories.from_rollout(result, time.perf_counter() - begin)
             else:
                 note = "shared: the same trajectories (and wall time) as in the other regime"

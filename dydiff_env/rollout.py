@@ -187,9 +187,12 @@ def diffusion_weight(step_variance: torch.Tensor, refine: RefineConfig,
         return torch.full((*step_variance.shape, 1), 0.5, dtype=step_variance.dtype, device=step_variance.device)
     variance = torch.cumsum(step_variance, dim=1)
     error = torch.full_like(variance[:, :1], refine.diffusion_error ** 2)
-    if probe_gap is not None:
-        error = torch.maximum(error, probe_gap[:, None])
-    return (variance / (variance + error))[..., None]
+    if probe_gap is None:
+        return (variance / (variance + error))[..., None]
+    weight = variance / (variance + torch.maximum(error, probe_gap[:, None]))
+    if refine.max_probe_ratio is not None:  # off where the ensemble is accurate: keep the single-step states
+        weight = weight * (probe_gap <= refine.max_probe_ratio * refine.diffusion_error ** 2)[:, None]
+    return weight[..., None]
 
 
 def probe_distance(sampled_states: torch.Tensor, states: torch.Tensor, obs_var: torch.Tensor, first: int,

@@ -238,7 +238,7 @@ def test_quick_run_writes_json_and_png(tiny_bundle, tiny_dataset, tmp_path, caps
     for name, regime in results["regimes"].items():
         shared_prior = name in ("teacher-forced", "policy-driven")
         assert set(regime["methods"]) == set(fidelity.METHODS) - (set() if shared_prior else {"behaviour-prior"})
-        assert set(regime["crossover"]) == {"dydiff-M1", "dydiff-M2", "dydiff-M3"}
+        assert set(regime["crossover"]) == {"dydiff-M1", "dydiff-M2", "dydiff-M3", "dydiff-M2-u-g4"}
         for m in regime["methods"].values():
             assert len(m["state_error"]["mean"]) == 6 and m["seconds"] >= 0
             assert m["state_error"]["mean"][0] is not None and m["state_error"]["mean"][0] >= 0

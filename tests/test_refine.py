@@ -41,7 +41,7 @@ def starts(tiny_bundle):
 def test_anchored_prefix_equals_single_step_states_bit_for_bit(bundle, starts, anchor):
     kw = dict(horizon=12, filter=NONE)
     anchored = dydiff_rollout(bundle, starts, linear_policy(), num_iterations=2, generator=gen(3),
-                              refine=RefineConfig(anchor_steps=anchor), **kw)
+                              refine=RefineConfig(anchor_steps=anchor, blend="average"), **kw)
     single = dydiff_rollout(bundle, starts, linear_policy(), num_iterations=0, generator=gen(3), **kw)
     # states s_0..s_k and the actions a_0..a_{k-1} that produced them (the elite picks come from the same draws)
     assert torch.equal(anchored.obs[:, : anchor + 1], single.obs[:, : anchor + 1])
@@ -60,12 +60,26 @@ def test_anchored_actions_kept_for_a_stochastic_policy(bundle, starts):
     assert torch.equal(anchored.obs[:, :5], single.obs[:, :5])
 
 
-def test_default_refine_is_the_reference_rule(bundle, starts):
+def test_default_refine_is_the_gated_uncertainty_blend(bundle, starts):
+    assert RefineConfig() == RefineConfig(anchor_steps=0, blend="uncertainty", probe_steps=4, max_probe_ratio=4.0)
     kw = dict(horizon=12, num_iterations=2, filter=NONE)
     default = dydiff_rollout(bundle, starts, linear_policy(), generator=gen(1), **kw)
-    explicit = dydiff_rollout(bundle, starts, linear_policy(), generator=gen(1),
-                              refine=RefineConfig(anchor_steps=0, blend="average"), **kw)
+    explicit = dydiff_rollout(bundle, starts, linear_policy(), generator=gen(1), refine=RefineConfig(), **kw)
+    reference = dydiff_rollout(bundle, starts, linear_policy(), generator=gen(1),
+                               refine=RefineConfig(blend="average"), **kw)
     assert torch.equal(default.obs, explicit.obs)
+    assert not torch.equal(default.obs, reference.obs)
+
+
+def test_gate_keeps_the_single_step_states_of_trajectories_off_at_the_probe(bundle, starts):
+    # the tiny diffusion model is far from its ensemble at the first steps: a tight gate closes everywhere
+    kw = dict(horizon=12, filter=NONE, dynamics_mode="mean")
+    single = dydiff_rollout(bundle, starts, linear_policy(), num_iterations=0, **kw)
+    gated = dydiff_rollout(bundle, starts, linear_policy(), num_iterations=2, generator=gen(1),
+                           refine=RefineConfig(max_probe_ratio=1e-6, diffusion_error=1e-3), **kw)
+    assert torch.equal(gated.obs, single.obs)
+    with pytest.raises(ValueError, match="max_probe_ratio"):
+        RefineConfig(max_probe_ratio=0.0)
 
 
 def test_refine_config_validation(bundle, starts):
@@ -81,18 +95,22 @@ def test_refine_config_validation(bundle, starts):
 
 def test_diffusion_weight_rule():
     step_variance = torch.tensor([[0.0, 0.01, 0.03, 0.0]])
-    average = diffusion_weight(step_variance, RefineConfig())
+    average = diffusion_weight(step_variance, RefineConfig(blend="average"))
     assert average.shape == (1, 4, 1) and bool((average == 0.5).all())
-    w = diffusion_weight(step_variance, RefineConfig(blend="uncertainty", diffusion_error=0.1))[0, :, 0]
+    w = diffusion_weight(step_variance, RefineConfig(blend="uncertainty", diffusion_error=0.1,
+                                                     max_probe_ratio=None))[0, :, 0]
     # running variance 0, 0.01, 0.04, 0.04 against 0.1^2: weights 0, 1/2, 4/5, 4/5
     torch.testing.assert_close(w, torch.tensor([0.0, 0.5, 0.8, 0.8]))
     # a probe gap above diffusion_error^2 replaces it: 0.04 against 0.04 + 0.04
-    probed = diffusion_weight(step_variance, RefineConfig(blend="uncertainty", diffusion_error=0.1),
-                              torch.tensor([0.04]))[0, :, 0]
+    ungated = RefineConfig(blend="uncertainty", diffusion_error=0.1, max_probe_ratio=None)
+    probed = diffusion_weight(step_variance, ungated, torch.tensor([0.04]))[0, :, 0]
     torch.testing.assert_close(probed, torch.tensor([0.0, 0.2, 0.5, 0.5]))
-    below = diffusion_weight(step_variance, RefineConfig(blend="uncertainty", diffusion_error=0.1),
-                             torch.tensor([0.001]))[0, :, 0]
+    below = diffusion_weight(step_variance, ungated, torch.tensor([0.001]))[0, :, 0]
     torch.testing.assert_close(below, w)
+    # the gate: a gap above max_probe_ratio * diffusion_error^2 = 0.04 zeroes the weights
+    gate = RefineConfig(blend="uncertainty", diffusion_error=0.1, max_probe_ratio=4.0)
+    torch.testing.assert_close(diffusion_weight(step_variance, gate, torch.tensor([0.04]))[0, :, 0], probed)
+    assert bool((diffusion_weight(step_variance, gate, torch.tensor([0.041])) == 0).all())
 
 
 def make_ensemble_exact(bundle) -> None:
@@ -110,7 +128,8 @@ def test_uncertainty_blend_keeps_a_certain_ensemble(bundle, starts):
                              refine=RefineConfig(blend="uncertainty"), **kw)
     single = dydiff_rollout(bundle, starts, linear_policy(), num_iterations=0, generator=gen(2), **kw)
     assert torch.equal(blended.obs, single.obs)  # weight 0 on the diffusion sample everywhere
-    averaged = dydiff_rollout(bundle, starts, linear_policy(), num_iterations=2, generator=gen(2), **kw)
+    averaged = dydiff_rollout(bundle, starts, linear_policy(), num_iterations=2, generator=gen(2),
+                              refine=RefineConfig(blend="average"), **kw)
     assert not torch.equal(averaged.obs, single.obs)
 
 
@@ -155,7 +174,7 @@ def test_a_diffusion_model_far_off_at_the_probe_steps_gets_little_weight(bundle,
     wrong = wrong.clone()
     wrong[:, 0] = starts
     exact_diffusion_model(bundle, wrong)
-    refine = RefineConfig(blend="uncertainty", diffusion_error=1e-3)
+    refine = RefineConfig(blend="uncertainty", diffusion_error=1e-3, max_probe_ratio=None)  # the floor alone
     probed = dydiff_rollout(bundle, starts, linear_policy(), num_iterations=1, refine=refine, **kw)
     blind = dydiff_rollout(bundle, starts, linear_policy(), num_iterations=1,
                            refine=RefineConfig(blend="uncertainty", diffusion_error=1e-3, probe_steps=0), **kw)
