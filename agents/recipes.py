@@ -19,7 +19,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dydiff_env.config import RefineConfig
 from dydiff_env.data import DEFAULT_DATASET_ID, DatasetNotFoundError, OfflineData, load_dataset
+
+# --refine: the settings docs/fidelity.md compares
+REFINE_CHOICES = {"default": RefineConfig(), "ungated": RefineConfig(max_probe_ratio=None),
+                  "average": RefineConfig(blend="average")}
 
 
 def ensure_dataset(dataset_id: str = DEFAULT_DATASET_ID, seed: int = 0) -> OfflineData:
@@ -107,6 +112,10 @@ def add_common_args(parser: argparse.ArgumentParser, steps: int, rollout_every: 
     parser.add_argument("--rollout-every", type=int, default=rollout_every, help="gradient steps between rollouts")
     parser.add_argument("--rollout-starts", type=int, default=rollout_starts, help="start states per rollout")
     parser.add_argument("--horizon", type=int, default=None, help="rollout horizon (default: the bundle's)")
+    parser.add_argument("--refine", default="default", choices=sorted(REFINE_CHOICES),
+                        help="how DyDiff combines diffusion samples with the single-step states (docs/fidelity.md): "
+                             "default (the gated uncertainty blend), ungated (the blend without its gate), "
+                             "average (the paper's 50/50 rule)")
     parser.add_argument("--real-fraction", type=float, default=0.6)
     parser.add_argument("--eval-every", type=int, default=eval_every)
     parser.add_argument("--log-every", type=int, default=1_000, help="gradient steps between metrics rows")
@@ -135,7 +144,7 @@ def run_offline(name: str, make_agent: Callable[[OfflineData, str], object], arg
     rollout_fn = None
     if not args.no_dydiff:
         env = DydiffEnv(num_envs=1, bundle=args.bundle, task=data.env_id or "hopper", horizon=args.horizon,
-                        num_iterations=args.iterations, device=args.device)
+                        num_iterations=args.iterations, device=args.device, refine=REFINE_CHOICES[args.refine])
         if args.sampler_steps:
             env.sampler = replace(env.sampler, num_steps=args.sampler_steps)
         rollout_fn = dydiff_rollout_fn(env, args.start_states)
