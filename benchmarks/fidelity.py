@@ -353,11 +353,10 @@ def build_policy(spec: str, bundle: Bundle, data: OfflineData | None, steps: int
         bundle.require("bc")
         return (lambda obs: bundle.bc.act(obs, deterministic=True)), {"kind": "bc", "deterministic": True}
     if spec.startswith("snapshot:"):
-        from dydiff_env.behaviour import GaussianActor
+        from dydiff_env.behaviour import snapshot_policy
 
         path = spec.split(":", 1)[1]
-        actor = GaussianActor.load(path).to(bundle.device)
-        return (lambda obs: actor(obs, deterministic=True)), {"kind": "snapshot", "path": path, "deterministic": True}
+        return snapshot_policy(path, bundle.device), {"kind": "snapshot", "path": path, "deterministic": True}
     if ":" in spec:
         module_name, attr = spec.split(":", 1)
         obj = importlib.import_module(module_name)

@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -46,7 +47,9 @@ class GaussianActor(nn.Module):
         if deterministic:
             return torch.tanh(mean)
         std = self.log_std(latent).clamp(LOG_STD_MIN, LOG_STD_MAX).exp()
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        # drawn on the generator's device (a CPU generator drives an actor on a GPU), then moved
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                            device=generator.device if generator is not None else mean.device).to(mean.device)
         return torch.tanh(mean + std * noise)
 
     @torch.no_grad()
@@ -113,6 +116,26 @@ def load_shipped_actor(task: str, name: str) -> GaussianActor:
             "train one with `dydiff-env behaviour train` and pass its snapshot with --actor"
         )
     return GaussianActor.load(path)
+
+
+def snapshot_policy(path: str | os.PathLike, device: str | torch.device = "cpu", deterministic: bool = True,
+                    generator: torch.Generator | None = None, obs_dim: int | None = None,
+                    act_dim: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A behaviour snapshot (.safetensors, e.g. a shipped `assets/behaviour/hopper-expert.safetensors`) as a torch
+    batch policy, obs (B, obs_dim) -> actions (B, act_dim): the mean action, or sampled with `generator` when not
+    `deterministic`. Pass `obs_dim` / `act_dim` to refuse a snapshot of another env at once."""
+    actor = GaussianActor.load(path).to(device)
+    expected = (obs_dim or actor.obs_dim, act_dim or actor.act_dim)
+    if (actor.obs_dim, actor.act_dim) != expected:
+        raise ValueError(f"snapshot {path} maps {actor.obs_dim} observations to {actor.act_dim} actions, but "
+                         f"{expected[0]} observations and {expected[1]} actions are needed; pass a snapshot of "
+                         "the same env")
+
+    def policy(obs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return actor(obs, deterministic=deterministic, generator=generator)
+
+    return policy
 
 
 def evaluate_actor(actor, env_id: str, episodes: int = 5, seed: int = 0, deterministic: bool = False) -> tuple[float, float]:
