@@ -1,9 +1,11 @@
-"""`dydiff-env` command line: collect datasets, train behaviour policies and bundle models, inspect bundles.
+"""`dydiff-env` command line: collect datasets, train behaviour policies and bundle models, inspect bundles,
+generate datasets of DyDiff rollouts.
 
     dydiff-env collect hopper-medium                  # ~200k steps of the shipped medium actor -> Minari
     dydiff-env train all --dataset dydiff/hopper/medium-v1 --out runs/hopper-medium --preset cpu
     dydiff-env train all ... --resume                 # continue after an interruption
     dydiff-env info runs/hopper-medium                # what a bundle holds, with its holdout errors
+    dydiff-env generate --bundle runs/hopper-medium --policy bc --starts 100000 --out dydiff/hopper/generated-v0
     dydiff-env behaviour train --steps 300000 --out runs/sac-hopper
 """
 
@@ -16,6 +18,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from .config import START_STATE_MODES
 from .data import DEFAULT_DATASET_ID
 
 # Module level imports stay light (no torch): `dydiff-env --help` and argument errors must answer at once.
@@ -209,6 +212,31 @@ def collect_and_write(args, dataset_id: str) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from .config import FilterConfig
+    from .generate import GenerateConfig, GenerationAborted, generate_dataset, process_group, ranks_from_environment
+
+    config = GenerateConfig(
+        bundle=args.bundle, policy=args.policy, starts=args.starts, out=args.out, horizon=args.horizon,
+        iterations=args.iterations, chunk_size=args.chunk, seed=args.seed, start_states=args.start_states,
+        filter=FilterConfig(mode=args.filter, keep_fraction=args.keep_fraction), sampler_steps=args.sampler_steps,
+        deterministic=args.deterministic, device=args.device, overwrite=args.overwrite)
+    ranks = ranks_from_environment()
+    set_threads(args.threads)
+    try:
+        with process_group(ranks):
+            summary = generate_dataset(config, ranks)
+    except GenerationAborted as err:
+        print(error_line(err), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written (run the command again to generate the dataset)", file=sys.stderr)
+        return 130
+    if summary is not None:
+        print(json.dumps(summary))
+    return 0
+
+
 def cmd_train(args) -> int:
     from .config import preset
     from .data import load_dataset
@@ -302,6 +330,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a local dataset of the same id (without it an existing id is refused at once)")
     add_threads_option(p)
     p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("generate", help="DyDiff rollouts of a policy in a bundle -> a Minari dataset (data "
+                                        "augmentation); data-parallel under torchrun")
+    p.add_argument("--bundle", required=True, help="bundle directory")
+    p.add_argument("--policy", required=True,
+                   help="the policy that acts: bc (the bundle's behaviour-cloning policy), snapshot:PATH (an actor "
+                        ".safetensors, e.g. dydiff_env/assets/behaviour/hopper-expert.safetensors) or module:func "
+                        "(anything dydiff_env.as_policy accepts)")
+    p.add_argument("--starts", type=positive_int, required=True, help="trajectories to generate (start states)")
+    p.add_argument("--out", required=True, help="Minari dataset id to write, e.g. dydiff/hopper/generated-v0")
+    p.add_argument("--horizon", type=positive_int, default=None,
+                   help="transitions per trajectory (default: three quarters of the diffusion window)")
+    p.add_argument("--iterations", type=non_negative_int, default=2,
+                   help="DyDiff refinement rounds (default 2; 0: single-step ensemble rollouts)")
+    p.add_argument("--chunk", type=positive_int, default=1024,
+                   help="starts per chunk, each one rollout with its own seed (default 1024); the dataset depends "
+                        "on it, not on the number of processes")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the start states and rollouts (default 0)")
+    p.add_argument("--start-states", choices=START_STATE_MODES, default="any",
+                   help="which bundle start states: any dataset row (default), episode starts only, or the stored "
+                        "sample uniformly")
+    p.add_argument("--filter", choices=["hardmax", "softmax", "none"], default="hardmax",
+                   help="which trajectories of a chunk are kept, by predicted return (default hardmax)")
+    p.add_argument("--keep-fraction", type=float, default=0.6,
+                   help="fraction of each chunk's trajectories kept by the filter (default 0.6)")
+    p.add_argument("--sampler-steps", type=positive_int, default=None,
+                   help="diffusion sampler steps (default: the bundle's)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="mean actions of bc / snapshot policies (default: sampled, like the data)")
+    p.add_argument("--device", type=torch_device, default="cpu",
+                   help="torch device: cpu (default), cuda (under torchrun: each rank's own GPU), cuda:1, mps")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a local dataset of the same id (without it an existing id is refused at once)")
+    add_threads_option(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train bundle models on a Minari dataset")
     p.add_argument("model", choices=["all", "diffusion", "dynamics", "reward", "bc"],

@@ -306,6 +306,17 @@ def dataset_exists(dataset_id: str) -> bool:
     return dataset_id in minari.list_local_datasets()
 
 
+def check_dataset_id(dataset_id: str) -> None:
+    """Raise ValueError unless `dataset_id` is a Minari id, `(namespace/)name-v<version>` (checked before any work)."""
+    from minari.dataset.minari_dataset import parse_dataset_id
+
+    try:
+        parse_dataset_id(dataset_id)
+    except (ValueError, TypeError):  # Minari raises TypeError for an id without a version
+        raise ValueError(f"'{dataset_id}' is not a Minari dataset id; use the form namespace/name-v<version>, "
+                         "e.g. dydiff/hopper/generated-v0") from None
+
+
 def refuse_existing_dataset(dataset_id: str, overwrite: bool = False) -> None:
     """Raise FileExistsError if the dataset exists and may not be replaced (checked before collecting)."""
     if not overwrite and dataset_exists(dataset_id):
@@ -314,18 +325,23 @@ def refuse_existing_dataset(dataset_id: str, overwrite: bool = False) -> None:
 
 
 def write_minari_dataset(dataset_id: str, env_id: str, buffers: list, description: str = "",
-                         algorithm_name: str = "", overwrite: bool = False):
-    """Write episode buffers as a Minari dataset with the task's reference scores. A writer that may run
-    beside another one on the same id holds `dataset_lock(dataset_id)` around this (the CLI does)."""
+                         algorithm_name: str = "", overwrite: bool = False, metadata: dict | None = None):
+    """Write episode buffers as a Minari dataset with the task's reference scores; `metadata` (JSON values) is
+    added to the dataset's metadata.json. A writer that may run beside another one on the same id holds
+    `dataset_lock(dataset_id)` around this (the CLI does). Returns the `minari.MinariDataset`, to which
+    further episodes can be appended with `update_dataset_from_buffer`."""
     import minari
 
     refuse_existing_dataset(dataset_id, overwrite)
     if dataset_exists(dataset_id):
         minari.delete_dataset(dataset_id)
     task = get_task(env_id)
-    return minari.create_dataset_from_buffers(
+    dataset = minari.create_dataset_from_buffers(
         dataset_id=dataset_id, buffer=buffers, env=env_id, algorithm_name=algorithm_name or "dydiff-env collect",
         author="dydiff-env", author_email="dydiff-env@users.noreply.github.com",
         code_permalink="https://github.com/dydiff-env/dydiff-env", description=description,
         ref_min_score=task.ref_min_score, ref_max_score=task.ref_max_score,
     )
+    if metadata:
+        dataset.storage.update_metadata(metadata)
+    return dataset
