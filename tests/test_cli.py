@@ -17,7 +17,7 @@ from dydiff_env import cli
 from conftest import TINY_DATASET_ID
 
 PACKAGE_ROOT = str(Path(cli.__file__).resolve().parents[1])
-COMPUTING_COMMANDS = (("collect",), ("train",), ("behaviour", "train"), ("behaviour", "eval"))
+COMPUTING_COMMANDS = (("collect",), ("generate",), ("train",), ("behaviour", "train"), ("behaviour", "eval"))
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -49,7 +49,7 @@ def test_every_option_and_subcommand_has_help():
             elif not action.help or action.help == argparse.SUPPRESS:
                 missing.append(f"{' '.join(path) or 'dydiff-env'} {'/'.join(action.option_strings) or action.dest}")
     assert not missing, f"options without help text: {missing}"
-    assert len(list(walk(cli.build_parser()))) == 8  # the walk reaches every command
+    assert len(list(walk(cli.build_parser()))) == 9  # the walk reaches every command
 
 
 def test_every_computing_command_has_the_same_threads_flag():
@@ -101,6 +101,7 @@ def test_collect_rejects_an_unknown_collection_before_anything_else(capsys):
 @pytest.mark.parametrize("path", COMPUTING_COMMANDS)
 def test_threads_must_be_positive(path, capsys):
     required = {("train",): ["all", "--out", "x"], ("behaviour", "train"): ["--out", "x"],
+                ("generate",): ["--bundle", "b", "--policy", "bc", "--starts", "1", "--out", "x/y-v0"],
                 ("behaviour", "eval"): ["actor.safetensors"]}.get(path, [])
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*path, *required, "--threads", "0"])
