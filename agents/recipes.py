@@ -104,7 +104,7 @@ def add_shared_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_common_args(parser: argparse.ArgumentParser, steps: int, rollout_every: int, rollout_starts: int,
-                    eval_every: int) -> None:
+                    eval_every: int, refine: str = "default") -> None:
     """Flags of the examples built on `OfflineTrainer` (TD3+BC, Diffusion-QL)."""
     add_shared_args(parser)
     parser.add_argument("--steps", type=int, default=steps, help="gradient steps (the paper uses 1M)")
@@ -112,10 +112,10 @@ def add_common_args(parser: argparse.ArgumentParser, steps: int, rollout_every: 
     parser.add_argument("--rollout-every", type=int, default=rollout_every, help="gradient steps between rollouts")
     parser.add_argument("--rollout-starts", type=int, default=rollout_starts, help="start states per rollout")
     parser.add_argument("--horizon", type=int, default=None, help="rollout horizon (default: the bundle's)")
-    parser.add_argument("--refine", default="default", choices=sorted(REFINE_CHOICES),
+    parser.add_argument("--refine", default=refine, choices=sorted(REFINE_CHOICES),
                         help="how DyDiff combines diffusion samples with the single-step states (docs/fidelity.md): "
-                             "default (the gated uncertainty blend), ungated (the blend without its gate), "
-                             "average (the paper's 50/50 rule)")
+                             "default (the env's: the gated uncertainty blend), ungated (the blend without its gate), "
+                             f"average (the paper's 50/50 rule); default here: {refine}")
     parser.add_argument("--real-fraction", type=float, default=0.6)
     parser.add_argument("--eval-every", type=int, default=eval_every)
     parser.add_argument("--log-every", type=int, default=1_000, help="gradient steps between metrics rows")

@@ -17,7 +17,10 @@ from agents.recipes import add_common_args, run_offline
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, steps=30_000, rollout_every=5_000, rollout_starts=256, eval_every=10_000)
+    # the paper's refinement rule, not the env's more faithful default: with it TD3+BC scored 29.7 +- 2.1
+    # over 3 seeds against 21.8 +- 1.8 (README, "TD3+BC with and without DyDiff")
+    add_common_args(parser, steps=30_000, rollout_every=5_000, rollout_starts=256, eval_every=10_000,
+                    refine="average")
     args = parser.parse_args(argv)
     return run_offline("td3bc", lambda data, device: TD3BC.from_data(data, device=device), args)
 
