@@ -10,7 +10,8 @@ Each training step averages the gradients over the ranks (`all_reduce_mean_grads
 before clipping / the optimizer step), so all ranks keep identical weights while each draws its own batches
 (`rank_seed`). Everything here is a collective: every rank must call it at the same point of the program.
 
-No pickle: small structured values travel between ranks as JSON in a uint8 tensor (`broadcast_json`).
+The ranks share one filesystem (one machine, or a shared --out): every rank reads the same dataset and, with
+--resume, the same checkpoint, which rank 0 wrote. No pickle: small structured values travel between ranks as JSON in a uint8 tensor (`broadcast_json`).
 
 Test hook: with the environment variable DYDIFF_ENV_RANK_DIGEST_DIR set, `write_rank_digest` makes every rank
 write the sha256 of a trained model's state to that directory (`<model>-rank<r>.sha256`), so a test can check
@@ -32,6 +33,10 @@ from .writers import write_atomically
 
 DIGEST_DIR_VARIABLE = "DYDIFF_ENV_RANK_DIGEST_DIR"
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+
+
+class LeaderFailed(RuntimeError):
+    """Raised on the other ranks when rank 0 failed at a step they wait on (the message names rank 0's error)."""
 
 
 def _dist():

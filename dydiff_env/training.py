@@ -480,7 +480,9 @@ def train_diffusion(data: OfflineData, cfg: DiffusionConfig, sampler, ctx: RunCo
         step += 1
         running.append(loss.item())
         bar.update(1)
-        if (step % cfg.eval_every == 0 or step == cfg.train_steps) and distributed.is_leader():
+        if (step % cfg.eval_every == 0 or step == cfg.train_steps) and not distributed.is_leader():
+            running = []  # rank 0 evaluates and logs
+        elif step % cfg.eval_every == 0 or step == cfg.train_steps:
             ema.eval()
             hl = holdout_loss(ema)
             # the figure that decides whether DyDiff helps, tracked cheaply: 16 holdout windows, 10 sampler steps
@@ -573,7 +575,7 @@ def open_bundle_and_plan(out: Path, data: OfflineData, config: TrainConfig, requ
             raise
     plan = distributed.broadcast_json({"todo": todo})
     if "error" in plan:
-        raise RuntimeError(f"rank 0 could not start training ({plan['error']}); fix that and start all ranks again")
+        raise distributed.LeaderFailed(f"rank 0 could not start training ({plan['error']}); fix that and start all ranks again")
     return writer, plan["todo"]
 
 

@@ -94,10 +94,13 @@ def test_one_process_trains_the_same_bundle_as_before(tiny_bundle, tmp_path, mon
 # ------------------------------------------------------------------------------------------ two processes
 
 
+def torchrun_command(argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "dydiff_env.cli", *argv]
+
+
 def run_torchrun(argv: list[str], env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "dydiff_env.cli", *argv]
-    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(torchrun_command(argv), capture_output=True, text=True, env=env, timeout=300)
     if run.returncode != 0:
         problem = torchrun_problem(tmp_path, env)
         if problem is not None:
@@ -143,4 +146,13 @@ def test_two_processes_average_gradients_and_rank_0_writes_the_bundle(tiny_bundl
     before = (out / "config.json").read_bytes()
     again = run_torchrun(train_argv(out, "all", "--resume"), env, tmp_path)
     assert again.stdout.count("skipped (--resume)") == len(MODEL_KINDS)
+    assert (out / "config.json").read_bytes() == before
+
+    # a refusal on rank 0 (another architecture) ends every rank at once, each naming it in one line
+    refused = subprocess.run(torchrun_command(train_argv(out, "all", "--preset", "cpu")), capture_output=True,
+                             text=True, env=env, timeout=300)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert refused.returncode != 0 and len(errors) == 2, refused.stderr[-2000:]
+    assert all("pass --overwrite" in line and "unexpected" not in line for line in errors)
+    assert any(line.startswith("error: rank 0 could not start training (BundleError") for line in errors)
     assert (out / "config.json").read_bytes() == before
