@@ -4,6 +4,7 @@ generate datasets of DyDiff rollouts.
     dydiff-env collect hopper-medium                  # ~200k steps of the shipped medium actor -> Minari
     dydiff-env train all --dataset dydiff/hopper/medium-v1 --out runs/hopper-medium --preset cpu
     dydiff-env train all ... --resume                 # continue after an interruption
+    torchrun --nproc_per_node=4 -m dydiff_env.cli train all ...   # data-parallel, effective batch 4x
     dydiff-env info runs/hopper-medium                # what a bundle holds, with its holdout errors
     dydiff-env generate --bundle runs/hopper-medium --policy bc --starts 100000 --out dydiff/hopper/generated-v0
     dydiff-env behaviour train --steps 300000 --out runs/sac-hopper
@@ -238,6 +239,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from . import distributed
     from .config import preset
     from .data import load_dataset
     from .training import MODEL_KINDS, train_models
@@ -251,8 +253,14 @@ def cmd_train(args) -> int:
         config.diffusion.train_steps = args.diffusion_steps
     data = load_dataset(args.dataset)
     kinds = list(MODEL_KINDS) if args.model == "all" else [args.model]
-    summaries = train_models(kinds, data, args.out, config, device=args.device, resume=args.resume,
-                             overwrite=args.overwrite)
+    try:  # under torchrun: data-parallel, rank 0 writes and prints
+        summaries = train_models(kinds, data, args.out, config, device=args.device, resume=args.resume,
+                                 overwrite=args.overwrite)
+        leader = distributed.is_leader()
+    finally:
+        distributed.shutdown()
+    if not leader:
+        return 0
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "teacher_forced_state_error"}
                       for k, v in summaries.items()}, indent=1))
     return 0
@@ -379,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace models of another architecture (another --preset) than the bundle in --out records")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of initialisation and batches (default 0)")
-    p.add_argument("--device", type=torch_device, default="cpu", help="torch device: cpu (default), cuda, cuda:1, mps")
+    p.add_argument("--device", type=torch_device, default="cpu",
+                   help="torch device: cpu (default), cuda (under torchrun: each rank's own GPU), cuda:1, mps")
     add_threads_option(p)
     p.add_argument("--checkpoint-every", type=non_negative_float, default=None,
                    help="seconds between checkpoints (default: the preset's)")
@@ -431,12 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     from .bundle import BundleError
     from .checkpoint import CheckpointError
     from .data import DatasetNotFoundError
+    from .distributed import LeaderFailed
     from .writers import LockedError
 
     try:
         return args.func(args)
-    except (BundleError, CheckpointError, DatasetNotFoundError, LockedError, OSError) as err:
-        # a bad bundle, checkpoint, dataset or path, or another writer in the way
+    except (BundleError, CheckpointError, DatasetNotFoundError, LockedError, LeaderFailed, OSError) as err:
+        # a bad bundle, checkpoint, dataset or path, or another writer in the way (on rank 0, under torchrun)
         print(error_line(err), file=sys.stderr)
         return 1
     except (ValueError, TypeError) as err:  # arguments refused further down (an unknown env id, a bad actor file)

@@ -8,6 +8,13 @@ into the bundle directory (`bundle.BundleWriter`, which holds the directory's lo
 run started retraining it: those are trained again. A model of another architecture than the bundle records
 replaces the bundle's only with `overwrite=True` (`--overwrite`).
 
+Data-parallel under torchrun (WORLD_SIZE > 1, `distributed`): every rank draws its own batches (seeded from
+(seed, rank)), the gradients are averaged over the ranks every step, so all ranks keep identical weights;
+holdout losses and checkpoint decisions are rank 0's, broadcast, so every rank stops at the same step. Rank 0
+alone writes checkpoints, metrics.csv and the bundle (the others wait for it) and prints. A checkpoint holds
+rank 0's random streams; on resume the other ranks draw fresh ones from (seed, rank, position), so a resumed
+multi-process run is not bit-identical to an uninterrupted one (a single process is).
+
 Fix to the reference: early stopping restores the best holdout weights (per ensemble member).
 """
 
@@ -28,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import bundle as bundle_io
+from . import distributed
 from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import DiffusionConfig, DynamicsConfig, MLPConfig, TrainConfig, architecture
 from .data import Normalizer, OfflineData, TrajectoryWindows
@@ -112,6 +120,48 @@ class MetricsLog:
         self.rewrite(without_duplicates(self.rows()))
 
 
+class NoMetrics:
+    """What ranks other than 0 log to: nothing (rank 0 alone writes metrics.csv)."""
+
+    def log(self, model: str, step: int, **metrics: float) -> None:
+        pass
+
+    def forget_after(self, model: str, step: int) -> None:
+        pass
+
+    def drop_duplicates(self) -> None:
+        pass
+
+
+def say(message: str) -> None:
+    """Print on rank 0 only (every process prints when there is one)."""
+    if distributed.is_leader():
+        print(message)
+
+
+def rank_streams(seed: int) -> tuple[torch.Generator, np.random.Generator]:
+    """This rank's random streams of a training loop (a single process: both seeded with `seed`, as always)."""
+    own = distributed.rank_seed(seed, distributed.rank())
+    return torch.Generator().manual_seed(own), np.random.default_rng(own)
+
+
+def restore_streams(saved: dict, generator: torch.Generator, rng: np.random.Generator, seed: int,
+                    position: int) -> None:
+    """Continue from a checkpoint's random streams: rank 0 (whose streams it holds) exactly, any other rank
+    from fresh streams derived from (seed, rank, position), as the checkpoint holds only rank 0's."""
+    if distributed.rank() == 0:
+        set_rng_state(saved, generator, rng)
+        return
+    own = distributed.rank_seed(seed, distributed.rank(), position + 1)
+    generator.manual_seed(own)
+    rng.bit_generator.state = np.random.default_rng(own).bit_generator.state
+
+
+def checkpoint_due(last_save: float, every_s: float) -> bool:
+    """Whether to checkpoint now: rank 0's clock decides for every rank."""
+    return distributed.broadcast_flag(time.monotonic() - last_save >= every_s)
+
+
 class BestWeights:
     """Per-member early stopping for models whose parameters all have a leading member dimension
     (`EnsembleMLP`-based models; a single model is an ensemble of one)."""
@@ -193,7 +243,7 @@ def load_resume_state(name: str, model: torch.nn.Module, keys: tuple[str, ...], 
         ctx.earlier_seconds = float(state.get("train_seconds", 0.0))
         return state
     if ctx.overwrite:
-        print(f"[train] {name}: checkpoint {path} is of another model ({problem}); starting afresh (--overwrite)")
+        say(f"[train] {name}: checkpoint {path} is of another model ({problem}); starting afresh (--overwrite)")
         return None
     raise CheckpointError(f"checkpoint {path} was not written for the {name} model being trained, whose "
                           f"architecture is {model_architecture} ({problem}); {advice}")
@@ -211,8 +261,7 @@ def fit_supervised(name: str, model: torch.nn.Module, members: int,
     `model_architecture` (`config.architecture`) is stored in the checkpoints and checked on resume.
     """
     steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(len(train_rows) / cfg.batch_size))
-    generator = torch.Generator().manual_seed(ctx.seed)
-    rng = np.random.default_rng(ctx.seed)
+    generator, rng = rank_streams(ctx.seed)
     best = BestWeights(model, members)
     epoch, stale = 0, 0
     ckpt = ctx.checkpoint_path(name)
@@ -224,13 +273,17 @@ def fit_supervised(name: str, model: torch.nn.Module, members: int,
         optimizer.load_state_dict(state["optimizer"])
         best.load_state_dict(state["best"])
         epoch, stale = state["epoch"], state["stale"]
-        set_rng_state(state["rng"], generator, rng)
+        restore_streams(state["rng"], generator, rng, ctx.seed, epoch)
+    distributed.broadcast_parameters(model)
     metrics.forget_after(name, epoch)
 
     def save():
-        save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best.state_dict(),
-                               "epoch": epoch, "stale": stale, "rng": rng_state(generator, rng),
-                               "train_seconds": ctx.train_seconds(), "architecture": model_architecture})
+        if distributed.is_leader():
+            save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "best": best.state_dict(), "epoch": epoch, "stale": stale,
+                                   "rng": rng_state(generator, rng), "train_seconds": ctx.train_seconds(),
+                                   "architecture": model_architecture})
+        distributed.barrier()
         if ctx.on_checkpoint:
             ctx.on_checkpoint(name)
 
@@ -244,17 +297,19 @@ def fit_supervised(name: str, model: torch.nn.Module, members: int,
             loss = batch_loss(idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_mean_grads(model)
             optimizer.step()
             total += loss.item()
         model.eval()
-        losses = holdout_loss().detach().cpu().numpy().astype(np.float64)
+        # rank 0's losses decide for every rank (the weights are the same; the stop must be too)
+        losses = distributed.broadcast_array(holdout_loss().detach().cpu().numpy().astype(np.float64))
         stale = 0 if best.update(model, losses) else stale + 1
         epoch += 1
         metrics.log(name, epoch, train_loss=total / steps_per_epoch, holdout_loss=float(losses.mean()),
                     best_holdout_loss=float(best.best_loss.mean()))
         bar.update(1)
         bar.set_postfix(holdout=f"{losses.mean():.4g}", best=f"{best.best_loss.mean():.4g}")
-        if time.monotonic() - last_save >= ctx.checkpoint_every_s:
+        if checkpoint_due(last_save, ctx.checkpoint_every_s):
             save()
             last_save = time.monotonic()
     bar.close()
@@ -366,8 +421,7 @@ def train_diffusion(data: OfflineData, cfg: DiffusionConfig, sampler, ctx: RunCo
         raise ValueError(f"no training windows of horizon {cfg.horizon}: the dataset's episodes are too short")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
-    generator = torch.Generator().manual_seed(ctx.seed)
-    rng = np.random.default_rng(ctx.seed)
+    generator, rng = rank_streams(ctx.seed)
     step = 0
     ckpt = ctx.checkpoint_path("diffusion")
     model_architecture = architecture(cfg, "diffusion")
@@ -379,13 +433,18 @@ def train_diffusion(data: OfflineData, cfg: DiffusionConfig, sampler, ctx: RunCo
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
-        set_rng_state(state["rng"], generator, rng)
+        restore_streams(state["rng"], generator, rng, ctx.seed, step)
+    distributed.broadcast_parameters(model)
+    distributed.broadcast_parameters(ema)
     metrics.forget_after("diffusion", step)
 
     def save():
-        save_checkpoint(ckpt, {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(generator, rng),
-                               "train_seconds": ctx.train_seconds(), "architecture": model_architecture})
+        if distributed.is_leader():
+            save_checkpoint(ckpt, {"model": model.state_dict(), "ema": ema.state_dict(),
+                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                   "step": step, "rng": rng_state(generator, rng),
+                                   "train_seconds": ctx.train_seconds(), "architecture": model_architecture})
+        distributed.barrier()
         if ctx.on_checkpoint:
             ctx.on_checkpoint("diffusion")
 
@@ -408,6 +467,7 @@ def train_diffusion(data: OfflineData, cfg: DiffusionConfig, sampler, ctx: RunCo
         loss = model.loss(_tensor(norm.to_unit(x), dev), torch.as_tensor(valid, device=dev), cfg.p_mean, cfg.p_std, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.all_reduce_mean_grads(model)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -420,7 +480,9 @@ def train_diffusion(data: OfflineData, cfg: DiffusionConfig, sampler, ctx: RunCo
         step += 1
         running.append(loss.item())
         bar.update(1)
-        if step % cfg.eval_every == 0 or step == cfg.train_steps:
+        if (step % cfg.eval_every == 0 or step == cfg.train_steps) and not distributed.is_leader():
+            running = []  # rank 0 evaluates and logs
+        elif step % cfg.eval_every == 0 or step == cfg.train_steps:
             ema.eval()
             hl = holdout_loss(ema)
             # the figure that decides whether DyDiff helps, tracked cheaply: 16 holdout windows, 10 sampler steps
@@ -430,12 +492,14 @@ def train_diffusion(data: OfflineData, cfg: DiffusionConfig, sampler, ctx: RunCo
                         lr=scheduler.get_last_lr()[0], teacher_forced_error_mean=float(np.nanmean(tf[1:])))
             bar.set_postfix(loss=f"{np.mean(running):.4f}", holdout=f"{hl:.4f}", tf_err=f"{np.nanmean(tf[1:]):.3f}")
             running = []
-        if time.monotonic() - last_save >= ctx.checkpoint_every_s:
+        if checkpoint_due(last_save, ctx.checkpoint_every_s):
             save()
             last_save = time.monotonic()
     bar.close()
     save()
     ema.eval()
+    if not distributed.is_leader():  # rank 0 evaluates; train_models gives every rank its summary
+        return ema, {"steps": step}
     err = teacher_forced_error(ema, hold_source, norm, obs_std, sampler, error_windows, torch.Generator().manual_seed(ctx.seed), dev)
     summary = {"steps": step, "holdout_loss": holdout_loss(ema), "parameters": sum(p.numel() for p in ema.parameters()),
                "teacher_forced_state_error": [round(float(e), 4) for e in err]}
@@ -457,36 +521,86 @@ def train_models(kinds: list[str], data: OfflineData, out_dir: str | os.PathLike
     Every finished model is committed at once (weights, then config.json), so a bundle is usable (for the
     models it has) at any point. `resume`: skip the models the bundle holds intact and continue the others
     from their checkpoints. `overwrite`: allow models of another architecture than the bundle records (else
-    `BundleError`). Returns the per-model summaries.
+    `BundleError`). Returns the per-model summaries (rank 0's, on every rank).
+
+    Under torchrun (WORLD_SIZE > 1) this starts the process group (`distributed.init_from_env`; a bare
+    `cuda` device is each rank's own GPU) and trains data-parallel (see the module docstring); the caller
+    ends it with `distributed.shutdown()`.
     """
     unknown = set(kinds) - set(MODEL_KINDS)
     if unknown:
         raise ValueError(f"unknown model kinds {sorted(unknown)}; choose from {MODEL_KINDS} or 'all'")
     out = Path(out_dir)
     requested = [k for k in MODEL_KINDS if k in kinds]
+    device = distributed.init_from_env(device)  # a process group only under torchrun with WORLD_SIZE > 1
+    leader = distributed.is_leader()
     torch.manual_seed(config.seed)
-    ctx = RunContext(out, torch.device(device), config.seed, resume, config.checkpoint_every_s, progress,
+    ctx = RunContext(out, device, config.seed, resume, config.checkpoint_every_s, progress and leader,
                      on_checkpoint, overwrite)
-    with bundle_io.BundleWriter(out, data, config) as writer:
-        remove_stale_temporaries(out / "checkpoints")
-        if not overwrite:
-            writer.refuse_architecture_changes(requested, config)
-        todo = models_to_train(writer, requested, config, resume)
-        if not resume:  # they belong to earlier runs; a later --resume of this one must not continue them
-            for kind in todo:
-                ctx.checkpoint_path(kind).unlink(missing_ok=True)
-        writer.start_training(todo)
-        metrics = MetricsLog(out / "metrics.csv")
+    writer, todo = open_bundle_and_plan(out, data, config, requested, ctx)
+    try:
+        metrics = MetricsLog(out / "metrics.csv") if leader else NoMetrics()
         summaries = {}
         for kind in todo:
+            say_world(kind, config)
             kind_ctx = replace(ctx, earlier_seconds=0.0, started=time.monotonic())
             model, summary = train_one(kind, data, config, kind_ctx, metrics)
-            metrics.drop_duplicates()
-            summary["train_seconds"] = round(kind_ctx.train_seconds(), 1)
-            writer.add_model(kind, model, summary, recorded_config(kind, config, summary))
-            summaries[kind] = summary
-            print(f"[train] {kind}: done in {summary['train_seconds']} s; holdout {summary.get('holdout_loss')}")
+            distributed.write_rank_digest(kind, model)
+            if leader:
+                metrics.drop_duplicates()
+                summary["train_seconds"] = round(kind_ctx.train_seconds(), 1)
+                writer.add_model(kind, model, summary, recorded_config(kind, config, summary))
+                print(f"[train] {kind}: done in {summary['train_seconds']} s; holdout {summary.get('holdout_loss')}")
+            summaries[kind] = distributed.broadcast_json(summary)  # the others wait here while rank 0 writes
+    finally:
+        if writer is not None:
+            writer.close()
     return summaries
+
+
+def open_bundle_and_plan(out: Path, data: OfflineData, config: TrainConfig, requested: list[str],
+                         ctx: RunContext) -> tuple[bundle_io.BundleWriter | None, list[str]]:
+    """Rank 0 opens the bundle (taking its lock), checks it and decides which models to train; every rank
+    gets that list. Returns (the writer on rank 0 and None elsewhere, the models to train). A failure on rank 0
+    is raised there and, naming it, on every other rank."""
+    writer, todo = None, None
+    if distributed.is_leader():
+        try:
+            writer = bundle_io.BundleWriter(out, data, config)
+            todo = start_bundle_run(writer, requested, config, ctx)
+        except Exception as err:
+            if writer is not None:
+                writer.close()
+            distributed.broadcast_json({"error": f"{type(err).__name__}: {err}"})
+            raise
+    plan = distributed.broadcast_json({"todo": todo})
+    if "error" in plan:
+        raise distributed.LeaderFailed(f"rank 0 could not start training ({plan['error']}); fix that and start all ranks again")
+    return writer, plan["todo"]
+
+
+def start_bundle_run(writer: bundle_io.BundleWriter, requested: list[str], config: TrainConfig,
+                     ctx: RunContext) -> list[str]:
+    """Rank 0's part of starting a run: which models to train, their stale checkpoints removed (without
+    --resume) and recorded in the bundle as being trained."""
+    remove_stale_temporaries(ctx.out_dir / "checkpoints")
+    if not ctx.overwrite:
+        writer.refuse_architecture_changes(requested, config)
+    todo = models_to_train(writer, requested, config, ctx.resume)
+    if not ctx.resume:  # they belong to earlier runs; a later --resume of this one must not continue them
+        for kind in todo:
+            ctx.checkpoint_path(kind).unlink(missing_ok=True)
+    writer.start_training(todo)
+    return todo
+
+
+def say_world(kind: str, config: TrainConfig) -> None:
+    """Under torchrun: the world size and the effective batch of `kind` (printed by rank 0)."""
+    size = distributed.world_size()
+    if size > 1:
+        batch = getattr(config, kind).batch_size
+        say(f"[train] {kind}: {size} processes (data-parallel, rank 0 writes); effective batch {batch} x {size} "
+            f"= {batch * size}" + (" per ensemble member" if kind == "dynamics" else ""))
 
 
 def models_to_train(writer, kinds: list[str], config: TrainConfig, resume: bool) -> list[str]:

@@ -17,6 +17,8 @@ Session-scoped fixtures, reused by every test file (data, models, bundle, env, a
 - `tiny_bundle` -> `pathlib.Path`: a bundle directory with all four models (dynamics, reward, bc, diffusion)
   trained on `tiny_dataset` with the tiny preset. Treat it as read-only; tests that need to modify a bundle
   must use `tiny_bundle_copy` (function-scoped: a private copy under the test's tmp_path) instead.
+- `torchrun_problem(tmp_path, env)`: why two gloo processes cannot start under torchrun here (None when they
+  can); a torchrun test that failed calls it to skip with the reason instead of failing on such a machine.
 - `gl_renderer`: skips the test, with the reason, when MuJoCo cannot render a frame on this machine. Probed once,
   in a subprocess (a broken OpenGL library can crash the process that tries it). MUJOCO_GL is left as the
   package sets it (egl on a machine without a display, see `dydiff_env.render`).
@@ -133,3 +135,19 @@ def gl_renderer() -> str:
                   [f"the probe exited with code {probe.returncode}"])[-1]
         pytest.skip(f"no OpenGL backend can render here (MUJOCO_GL={os.environ.get('MUJOCO_GL')}): {reason}")
     return os.environ.get("MUJOCO_GL", "gymnasium's default")
+
+
+def torchrun_problem(tmp_path: Path, env: dict) -> str | None:
+    """Why two gloo processes cannot start here (None when they can)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import torch.distributed as dist\ndist.init_process_group('gloo')\ndist.barrier()\n"
+                     "dist.destroy_process_group()\n")
+    try:
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(probe)], capture_output=True, text=True, env=env, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "two gloo processes did not start within 120 s"
+    if run.returncode == 0:
+        return None
+    lines = (run.stderr + run.stdout).strip().splitlines() or [f"exit code {run.returncode}"]
+    return f"exit code {run.returncode}: {lines[-1]}"

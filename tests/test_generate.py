@@ -20,7 +20,7 @@ from dydiff_env.generate import (METADATA_KEY, ChunkEpisodes, chunks_of_rank, ep
                                  rollout_episodes, shard_directory)
 from dydiff_env.rollout import RolloutResult
 
-from conftest import TINY_DATASET_ID
+from conftest import TINY_DATASET_ID, torchrun_problem
 
 PACKAGE_ROOT = str(Path(cli.__file__).resolve().parents[1])
 SHIPPED_EXPERT = Path(PACKAGE_ROOT) / "dydiff_env" / "assets" / "behaviour" / "hopper-expert.safetensors"
@@ -125,22 +125,6 @@ def test_generate_writes_the_rollouts_of_each_chunk_with_its_seed(tiny_bundle, c
     assert "policy bc" in meta["description"] and bundle.meta["dataset_hash"] in meta["description"]
     # nothing left behind
     assert not shard_directory(out).exists() and not dataset_lock(out).path.exists()
-
-
-def torchrun_problem(tmp_path: Path, env: dict) -> str | None:
-    """Why two gloo processes cannot start here (None when they can)."""
-    probe = tmp_path / "probe.py"
-    probe.write_text("import torch.distributed as dist\ndist.init_process_group('gloo')\ndist.barrier()\n"
-                     "dist.destroy_process_group()\n")
-    try:
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              str(probe)], capture_output=True, text=True, env=env, timeout=120)
-    except subprocess.TimeoutExpired:
-        return "two gloo processes did not start within 120 s"
-    if run.returncode == 0:
-        return None
-    lines = (run.stderr + run.stdout).strip().splitlines() or [f"exit code {run.returncode}"]
-    return f"exit code {run.returncode}: {lines[-1]}"
 
 
 def test_two_processes_under_torchrun_write_the_same_dataset_as_one(tiny_bundle, tmp_path, capsys):
