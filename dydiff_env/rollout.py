@@ -187,10 +187,11 @@ def diffusion_weight(step_variance: torch.Tensor, refine: RefineConfig,
         return torch.full((*step_variance.shape, 1), 0.5, dtype=step_variance.dtype, device=step_variance.device)
     variance = torch.cumsum(step_variance, dim=1)
     error = torch.full_like(variance[:, :1], refine.diffusion_error ** 2)
-    if probe_gap is None:
-        return (variance / (variance + error))[..., None]
-    weight = variance / (variance + torch.maximum(error, probe_gap[:, None]))
-    if refine.max_probe_ratio is not None:  # off where the ensemble is accurate: keep the single-step states
+    if probe_gap is not None:
+        error = torch.maximum(error, probe_gap[:, None])
+    weight = variance / (variance + error)
+    if probe_gap is not None and refine.max_probe_ratio is not None:
+        # off where the ensemble is accurate: keep the single-step states
         weight = weight * (probe_gap <= refine.max_probe_ratio * refine.diffusion_error ** 2)[:, None]
     return weight[..., None]
 
@@ -234,7 +235,6 @@ def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generat
     anchor = refine.anchor_steps
     anchored_states, anchored_actions = states[:, : anchor + 1].clone(), actions[:, :anchor].clone()
     step_variance = torch.stack(step_variance[:length], 1)
-    weight = diffusion_weight(step_variance, refine)
     if num_iterations > 0:
         cond_mask = bundle.diffusion.condition_mask(device=s0.device).clone()
         cond_mask[: anchor + 1, :obs_dim] = True
@@ -242,8 +242,9 @@ def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generat
         cond = norm.to_unit(torch.cat([states, actions], -1))
         sample = edm_sample(bundle.diffusion.denoise, cond, cond_mask, sampler, generator)
         sampled_states = norm.from_unit(sample)[..., :obs_dim]
-        if iteration == 0 and refine.blend == "uncertainty":  # the first sample against the single-step states
-            gap = probe_distance(sampled_states, states, obs_var, anchor + 1, refine.probe_steps)
+        if iteration == 0:  # the weights, from the first sample against the single-step states
+            gap = (probe_distance(sampled_states, states, obs_var, anchor + 1, refine.probe_steps)
+                   if refine.blend == "uncertainty" else None)
             weight = diffusion_weight(step_variance, refine, gap)
         states = weight * sampled_states + (1 - weight) * states
         # the unit-scaling round trip is not bit-exact; given states are kept exact
