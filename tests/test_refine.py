@@ -191,6 +191,8 @@ def test_env_takes_refine_settings(bundle, starts):
         EnvConfig(refine="uncertainty")
     with pytest.raises(ValueError, match="blend"):
         EnvConfig(refine={"blend": "median"})
+    with pytest.raises(ValueError, match="anchor_steps"):
+        DydiffEnv(2, bundle=bundle, horizon=6, refine={"anchor_steps": 6})
     env = DydiffEnv(2, bundle=bundle, pool_size=8, refine=RefineConfig(anchor_steps=3))
     single = DydiffEnv(2, bundle=bundle, pool_size=8, num_iterations=0)
     anchored = env.rollout(4, policy=linear_policy(), start_obs=starts[:4], rng=np.random.default_rng(1))
