@@ -1,6 +1,7 @@
 """Model bundles: a directory with `config.json` and one safetensors file per model. No pickle.
 
-config.json holds the format version, package version, task and env id, obs/action dims, dataset id and
+config.json holds the format version, package version, the versions of the packages that trained it
+(`software_versions`, from `data.software_versions()`, refreshed by every model written), task and env id, obs/action dims, dataset id and
 content hash, normalisation statistics, hyper-parameters, training summaries, and the sha256 of every
 weight file. Bundles are untrusted input: `load_bundle(path)` checks all of it (`bundle_schema`: every field
 of config.json, model sizes, tensor names, shapes, dtypes and values) before it builds a model, and raises
@@ -38,7 +39,7 @@ from .bundle_schema import (FORMAT_VERSION, MODEL_FILES, START_STATES_FILE, Bund
                             check_model_size, check_start_states, check_weights, file_kind, files_by_kind,
                             plain_file_name, tagged_file_name, validate_config)
 from .config import START_STATE_MODES, TrainConfig, architecture_changes, describe_architecture_changes
-from .data import DEFAULT_DATASET_ID, Normalizer, OfflineData
+from .data import DEFAULT_DATASET_ID, Normalizer, OfflineData, software_versions
 from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion
 from .tasks import Task, get_task
 from .writers import WriterLock, remove_stale_temporaries, write_atomically
@@ -152,7 +153,8 @@ class BundleWriter:
         norm.update(Normalizer.fit(data.actions).to_dict("act"))
         norm.update(Normalizer.fit(np.concatenate([data.observations, data.actions], 1)).to_dict("transition"))
         meta = {
-            "format_version": FORMAT_VERSION, "package_version": _package_version(), "task": task.name,
+            "format_version": FORMAT_VERSION, "package_version": _package_version(),
+            "software_versions": software_versions(), "task": task.name,
             "env_id": task.env_id, "obs_dim": data.obs_dim, "act_dim": data.act_dim,
             "dataset_id": data.dataset_id, "dataset_hash": data.content_hash, "dataset_transitions": len(data),
             "dataset_episodes": int(len(data.episode_starts)),
@@ -229,6 +231,7 @@ class BundleWriter:
             del meta["files"][old]
         meta["files"][name] = digest
         meta["models"][kind] = summary
+        meta["software_versions"] = software_versions()  # the versions that trained the latest model
         if config is not None:
             meta["train_config"][kind] = dataclasses.asdict(getattr(config, kind))
             if kind == "diffusion":
