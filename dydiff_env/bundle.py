@@ -476,12 +476,12 @@ def recollect_advice(data: OfflineData, bundle_versions: dict[str, str]) -> str:
     if not diff:
         return (f"{how} using the same settings (--seed, --steps) as the bundle's dataset: the dataset records the "
                 "same software versions as the bundle")
-    shown = ", ".join(f"{name} {here} here vs {there} in the bundle" for name, (here, there) in diff.items())
+    shown = ", ".join(f"{name} {here} in the dataset vs {there} in the bundle" for name, (here, there) in diff.items())
     return f"{how} using the versions recorded in the bundle (they differ: {shown})"
 
 
 def versions_diff(here: dict[str, str], there: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """Package -> (version here, version there) for every package whose recorded versions differ."""
+    """Package -> (version in `here`, version in `there`) for every package whose recorded versions differ."""
     missing = "not recorded"
     return {name: (here.get(name, missing), there.get(name, missing)) for name in sorted(set(here) | set(there))
             if here.get(name, missing) != there.get(name, missing)}

@@ -79,7 +79,7 @@ def test_a_changed_dataset_hash_warns_once_with_both_hashes_and_the_fix(tiny_dat
         assert check_dataset_matches(bundle, local) is False
     message = str(record[0].message)
     for part in (TINY_DATASET_ID, "0123456789abcdef", tiny_dataset.content_hash, "dydiff-env train all",
-                 f"numpy 0.0.1 here vs {data.software_versions()['numpy']} in the bundle"):
+                 f"numpy 0.0.1 in the dataset vs {data.software_versions()['numpy']} in the bundle"):
         assert part in message
     assert len(record) == 1
     with warnings.catch_warnings(record=True) as again:
