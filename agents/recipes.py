@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dydiff_env.bundle import check_dataset_matches
 from dydiff_env.config import RefineConfig
 from dydiff_env.data import DEFAULT_DATASET_ID, DatasetNotFoundError, OfflineData, load_dataset
 
@@ -147,6 +148,7 @@ def run_offline(name: str, make_agent: Callable[[OfflineData, str], object], arg
                         num_iterations=args.iterations, device=args.device, refine=REFINE_CHOICES[args.refine])
         if args.sampler_steps:
             env.sampler = replace(env.sampler, num_steps=args.sampler_steps)
+        check_dataset_matches(env.bundle, data)  # warns when the bundle learned another version of this dataset
         rollout_fn = dydiff_rollout_fn(env, args.start_states)
     config = TrainerConfig(total_steps=args.steps, real_fraction=args.real_fraction, rollout_every=args.rollout_every,
                            rollout_starts=args.rollout_starts, eval_every=args.eval_every,

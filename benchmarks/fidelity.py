@@ -87,7 +87,7 @@ if __package__ in (None, ""):  # `python benchmarks/fidelity.py`: make `benchmar
 from benchmarks import fidelity_video  # noqa: E402
 from benchmarks.fidelity_metrics import (crossover_horizon, return_error, state_error_curve,  # noqa: E402
                                          termination_agreement, trajectory_length)
-from dydiff_env.bundle import Bundle, load_bundle  # noqa: E402
+from dydiff_env.bundle import Bundle, check_dataset_matches, load_bundle  # noqa: E402
 from dydiff_env.config import RefineConfig, SamplerConfig  # noqa: E402
 from dydiff_env.data import DEFAULT_DATASET_ID, OfflineData, load_dataset  # noqa: E402
 from dydiff_env.env import DydiffEnv, shipped_bundle_path  # noqa: E402
@@ -473,6 +473,7 @@ def prepare(args: argparse.Namespace, log=print) -> Setup:
     data = load_dataset(args.dataset)
     if data.env_id and data.env_id != bundle.task.env_id:
         raise ValueError(f"dataset '{args.dataset}' is of {data.env_id}, the bundle models {bundle.task.env_id}")
+    check_dataset_matches(bundle, data)  # warns when the bundle learned another version of this dataset
     rows, eligible = select_starts(data, num_starts, horizon, args.seed)
     start_obs = data.observations[rows].astype(np.float32)
     qpos, qvel = data.qpos[rows], data.qvel[rows]

@@ -24,7 +24,8 @@ ENV_IDS = {"hopper": "Dydiff-hopper-v0", "walker2d": "Dydiff-walker2d-v0", "half
 
 # public name -> the module that defines it
 _LAZY = {
-    "Bundle": "bundle", "BundleError": "bundle", "load_bundle": "bundle",
+    "Bundle": "bundle", "BundleError": "bundle", "DatasetMismatchWarning": "bundle", "check_dataset_matches": "bundle",
+    "load_bundle": "bundle",
     "DiffusionConfig": "config", "DynamicsConfig": "config", "EnvConfig": "config", "FilterConfig": "config", "RefineConfig": "config",
     "SamplerConfig": "config", "TrainConfig": "config", "preset": "config",
     "DatasetNotFoundError": "data", "OfflineData": "data", "load_dataset": "data",

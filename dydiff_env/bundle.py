@@ -1,11 +1,15 @@
 """Model bundles: a directory with `config.json` and one safetensors file per model. No pickle.
 
-config.json holds the format version, package version, task and env id, obs/action dims, dataset id and
+config.json holds the format version, package version, the versions of the packages that trained it
+(`software_versions`, from `data.software_versions()`, refreshed by every model written), task and env id, obs/action dims, dataset id and
 content hash, normalisation statistics, hyper-parameters, training summaries, and the sha256 of every
 weight file. Bundles are untrusted input: `load_bundle(path)` checks all of it (`bundle_schema`: every field
 of config.json, model sizes, tensor names, shapes, dtypes and values) before it builds a model, and raises
 `BundleError` naming the field and the fix on a missing or corrupt file, a malformed field, a shape or dtype
 mismatch, a model too large to load, a bundle for another env, or a newer format version.
+
+`check_dataset_matches(bundle, data)` warns (`DatasetMismatchWarning`, once per bundle and dataset) when a local
+dataset has the id of the bundle's training data but another content hash, and says how to fix it.
 
 The bundle also stores up to `MAX_START_STATES` dataset observations (every episode start first), so an
 environment can reset from dataset states without the dataset being present.
@@ -24,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -38,7 +43,7 @@ from .bundle_schema import (FORMAT_VERSION, MODEL_FILES, START_STATES_FILE, Bund
                             check_model_size, check_start_states, check_weights, file_kind, files_by_kind,
                             plain_file_name, tagged_file_name, validate_config)
 from .config import START_STATE_MODES, TrainConfig, architecture_changes, describe_architecture_changes
-from .data import DEFAULT_DATASET_ID, Normalizer, OfflineData
+from .data import DEFAULT_DATASET_ID, Normalizer, OfflineData, software_versions, versions_of
 from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion
 from .tasks import Task, get_task
 from .writers import WriterLock, remove_stale_temporaries, write_atomically
@@ -152,7 +157,8 @@ class BundleWriter:
         norm.update(Normalizer.fit(data.actions).to_dict("act"))
         norm.update(Normalizer.fit(np.concatenate([data.observations, data.actions], 1)).to_dict("transition"))
         meta = {
-            "format_version": FORMAT_VERSION, "package_version": _package_version(), "task": task.name,
+            "format_version": FORMAT_VERSION, "package_version": _package_version(),
+            "software_versions": software_versions(), "task": task.name,
             "env_id": task.env_id, "obs_dim": data.obs_dim, "act_dim": data.act_dim,
             "dataset_id": data.dataset_id, "dataset_hash": data.content_hash, "dataset_transitions": len(data),
             "dataset_episodes": int(len(data.episode_starts)),
@@ -229,6 +235,7 @@ class BundleWriter:
             del meta["files"][old]
         meta["files"][name] = digest
         meta["models"][kind] = summary
+        meta["software_versions"] = software_versions()  # the versions that trained the latest model
         if config is not None:
             meta["train_config"][kind] = dataclasses.asdict(getattr(config, kind))
             if kind == "diffusion":
@@ -421,6 +428,67 @@ def load_bundle(path: str | os.PathLike, env_id: str | None = None, device: str 
     bundle = Bundle(path, meta, task, config, start_states=start_states, **models).to(device)
     bundle.require(*require)
     return bundle
+
+
+class DatasetMismatchWarning(UserWarning):
+    """A local dataset has the id of the dataset a bundle was trained on, but another content hash."""
+
+
+# (bundle directory, its dataset hash, dataset id, local hash) already warned about: one warning per pair
+_warned_mismatches: set[tuple[str, str, str, str]] = set()
+
+
+def check_dataset_matches(bundle: Bundle, data: OfflineData) -> bool:
+    """Whether `data` can be the dataset `bundle` was trained on. False when `data` has the bundle's recorded
+    dataset id but another content hash: then a `DatasetMismatchWarning` names both hashes and the fix, once
+    per (bundle, dataset) pair. True for the same hash, for a dataset of another id (e.g. generated data, or
+    another dataset used on purpose), and for a bundle that records no dataset."""
+    recorded_id, recorded_hash = bundle.meta.get("dataset_id"), bundle.meta.get("dataset_hash")
+    if not recorded_id or not recorded_hash or data.dataset_id != recorded_id or data.content_hash == recorded_hash:
+        return True
+    key = (str(Path(bundle.path).resolve()), recorded_hash, data.dataset_id, data.content_hash)
+    if key not in _warned_mismatches:
+        _warned_mismatches.add(key)
+        warnings.warn(dataset_mismatch_message(bundle, data), DatasetMismatchWarning, stacklevel=2)
+    return False
+
+
+def dataset_mismatch_message(bundle: Bundle, data: OfflineData) -> str:
+    meta = bundle.meta
+    return (f"dataset '{data.dataset_id}' here has content hash {data.content_hash}, but bundle {bundle.path} was "
+            f"trained on '{meta['dataset_id']}' with hash {meta['dataset_hash']}, so its models learned other data. "
+            f"To use them together, {recollect_advice(data, versions_of(meta.get('software_versions')))}, or train "
+            f"a bundle on your dataset with `dydiff-env train all --dataset {data.dataset_id} --out DIR`")
+
+
+def recollect_advice(data: OfflineData, bundle_versions: dict[str, str]) -> str:
+    """How to collect the bundle's dataset again, with the versions to install where they are known."""
+    from .cli import COLLECT_PRESETS
+
+    preset = next((name for name, p in COLLECT_PRESETS.items() if p.dataset_id == data.dataset_id), None)
+    how = (f"collect it again with `dydiff-env collect {preset} --overwrite`" if preset
+           else "make it again the way the bundle's dataset was made")
+    if not bundle_versions:
+        return f"{how} (the bundle records no software versions)"
+    if not data.software_versions:
+        return f"{how} using the versions recorded in the bundle: {show_versions(bundle_versions)}"
+    diff = versions_diff(data.software_versions, bundle_versions)
+    if not diff:
+        return (f"{how} using the same settings (--seed, --steps) as the bundle's dataset: the dataset records the "
+                "same software versions as the bundle")
+    shown = ", ".join(f"{name} {here} in the dataset vs {there} in the bundle" for name, (here, there) in diff.items())
+    return f"{how} using the versions recorded in the bundle (they differ: {shown})"
+
+
+def versions_diff(here: dict[str, str], there: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Package -> (version in `here`, version in `there`) for every package whose recorded versions differ."""
+    missing = "not recorded"
+    return {name: (here.get(name, missing), there.get(name, missing)) for name in sorted(set(here) | set(there))
+            if here.get(name, missing) != there.get(name, missing)}
+
+
+def show_versions(versions: dict[str, str]) -> str:
+    return ", ".join(f"{name} {version}" for name, version in versions.items())
 
 
 def export_bundle(src: str | os.PathLike, dst: str | os.PathLike, half: bool = True) -> Path:

@@ -43,6 +43,7 @@ MAX_ENSEMBLE_SIZE = 100
 MAX_KERNEL_SIZE = 63
 MAX_DIFFUSION_HORIZON = 4096
 MAX_SAMPLER_STEPS = 1000
+MAX_VERSION_ENTRIES = 100  # software_versions: package -> version
 MAX_SIGMA = 1e4  # EDM noise levels; squared in Python floats by the sampler, so they must stay far from overflow
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -271,6 +272,14 @@ def check_env_and_dims(meta: dict, where: Any) -> None:
         fail(where, "task", f"must be '{task.name}' for {task.env_id}, got {show(meta['task'])}")
 
 
+def versions_problem(versions: Any) -> str | None:
+    """What is wrong with a `software_versions` value (None when it is a dict of package names to versions)."""
+    if (isinstance(versions, dict) and len(versions) <= MAX_VERSION_ENTRIES
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in versions.items())):
+        return None
+    return f"must be a JSON object of at most {MAX_VERSION_ENTRIES} package names to version strings, got {show(versions)}"
+
+
 # descriptive fields that config.json may hold; other unknown top-level keys are allowed (notes added by hand)
 OPTIONAL_FIELDS: dict[str, Check] = {
     "package_version": lambda v: None if isinstance(v, str) else f"must be a string, got {show(v)}",
@@ -280,6 +289,8 @@ OPTIONAL_FIELDS: dict[str, Check] = {
     "dataset_episodes": integer(0),
     "dataset_mean_return": number(),
     "weights_dtype": lambda v: None if v in WEIGHT_DTYPES else f"must be one of {sorted(WEIGHT_DTYPES)}, got {show(v)}",
+    # the versions of the packages that trained the bundle (`data.software_versions()`); older bundles have none
+    "software_versions": versions_problem,
     # models that a training run started and has not yet written into the bundle (`train --resume` goes on)
     "in_training": lambda v: None if isinstance(v, list) and all(k in MODEL_FILES for k in v) and len(set(v)) == len(v)
     else f"must be a list of distinct model kinds {list(MODEL_FILES)}, got {show(v)}",

@@ -272,7 +272,7 @@ def cmd_info(args) -> int:
     b = load_bundle(args.bundle)
     m = b.meta
     out = {k: m[k] for k in ("format_version", "package_version", "env_id", "dataset_id", "dataset_hash",
-                             "dataset_transitions", "dataset_mean_return") if k in m}
+                             "dataset_transitions", "dataset_mean_return", "software_versions") if k in m}
     out["models"] = {k: {kk: vv for kk, vv in v.items() if kk != "teacher_forced_state_error"}
                      for k, v in m["models"].items()}
     out["start_states"] = int(len(b.start_states.get("observations", [])))

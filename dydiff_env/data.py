@@ -8,12 +8,15 @@
   Un-normalising never clips (the reference clipped whole arrays, hiding model errors).
 - `collect_dataset` runs a behaviour policy in the real simulator and writes a Minari dataset with the
   simulator's qpos/qvel of every step in the infos, so any state can be replayed exactly.
+- `write_minari_dataset` records `software_versions()` (the packages that can change the data) under
+  `VERSIONS_METADATA_KEY` in the dataset's metadata.json; `load_dataset` reads them back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,8 +32,41 @@ from .writers import WriterLock
 DEFAULT_DATASET_ID = "dydiff/hopper/medium-v1"
 
 
+# The key of the software versions in a dataset's metadata.json (next to Minari's own keys).
+VERSIONS_METADATA_KEY = "dydiff_env_software_versions"
+# The distributions whose versions can change collected or generated data (and trained models).
+VERSIONED_PACKAGES = ("mujoco", "gymnasium", "torch", "numpy", "minari", "dydiff-env")
+
+
 class DatasetNotFoundError(FileNotFoundError):
     pass
+
+
+def software_versions() -> dict[str, str]:
+    """The versions that can change the data: the packages of `VERSIONED_PACKAGES` (from importlib.metadata,
+    "not installed" for a missing one) and python. Importing nothing heavy, so any command can call it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    if versions["dydiff-env"] == "not installed":  # running from a source tree that is not installed
+        from . import __version__
+
+        versions["dydiff-env"] = f"{__version__} (source tree)"
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def versions_of(value) -> dict[str, str]:
+    """The str -> str entries of a recorded versions dict (anything else, e.g. from a hand-edited file, is
+    dropped); {} for a value that is not a dict."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 @dataclass
@@ -50,6 +86,7 @@ class OfflineData:
     qpos: np.ndarray | None = None  # (N, nq) simulator state at observations[i], when recorded
     qvel: np.ndarray | None = None
     content_hash: str = field(default="")
+    software_versions: dict[str, str] = field(default_factory=dict)  # recorded when written; {} if not recorded
 
     def __post_init__(self):
         if not self.content_hash:
@@ -151,6 +188,7 @@ def load_dataset(dataset_id: str) -> OfflineData:
         env_id=env_spec.id if env_spec is not None else "",
         qpos=np.concatenate(qpos) if has_state else None,
         qvel=np.concatenate(qvel) if has_state else None,
+        software_versions=versions_of(dataset.storage.metadata.get(VERSIONS_METADATA_KEY)),
     )
 
 
@@ -327,7 +365,7 @@ def refuse_existing_dataset(dataset_id: str, overwrite: bool = False) -> None:
 def write_minari_dataset(dataset_id: str, env_id: str, buffers: list, description: str = "",
                          algorithm_name: str = "", overwrite: bool = False, metadata: dict | None = None):
     """Write episode buffers as a Minari dataset with the task's reference scores; `metadata` (JSON values) is
-    added to the dataset's metadata.json. A writer that may run beside another one on the same id holds
+    added to the dataset's metadata.json, and so are `software_versions()` (under `VERSIONS_METADATA_KEY`). A writer that may run beside another one on the same id holds
     `dataset_lock(dataset_id)` around this (the CLI does). Returns the `minari.MinariDataset`, to which
     further episodes can be appended with `update_dataset_from_buffer`."""
     import minari
@@ -342,6 +380,5 @@ def write_minari_dataset(dataset_id: str, env_id: str, buffers: list, descriptio
         code_permalink="https://github.com/dydiff-env/dydiff-env", description=description,
         ref_min_score=task.ref_min_score, ref_max_score=task.ref_max_score,
     )
-    if metadata:
-        dataset.storage.update_metadata(metadata)
+    dataset.storage.update_metadata({VERSIONS_METADATA_KEY: software_versions(), **(metadata or {})})
     return dataset

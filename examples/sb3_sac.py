@@ -156,6 +156,7 @@ def main(argv=None) -> dict:
 
     from agents.evaluation import evaluate
     from agents.recipes import default_run_dir, ensure_dataset, refuse_existing_run
+    from dydiff_env.bundle import check_dataset_matches
 
     args = build_parser().parse_args(argv)
     out = args.out or default_run_dir(f"sb3_{args.algo}", args.seed)
@@ -166,6 +167,7 @@ def main(argv=None) -> dict:
     data = ensure_dataset(args.dataset, seed=args.seed)
     env_id = data.env_id or "Hopper-v5"
     env = make_env(args, env_id)
+    check_dataset_matches(env.venv.bundle, data)  # warns when the bundle learned another version of this dataset
     # SB3 counts buffer_size in transitions (rows of n_envs each): the dataset plus everything collected
     model = build_model(VecMonitor(env), args, buffer_size=len(data) + args.steps + 2 * args.num_envs)
     rows = prefill_replay_buffer(model.replay_buffer, data)

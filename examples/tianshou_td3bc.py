@@ -205,6 +205,7 @@ def train(algorithm, real_buffer, model_env, args) -> dict:
 def main(argv=None) -> dict:
     from agents.evaluation import evaluate
     from agents.recipes import default_run_dir, ensure_dataset, refuse_existing_run
+    from dydiff_env.bundle import check_dataset_matches
     from dydiff_env.policies import as_policy
 
     args = build_parser().parse_args(argv)
@@ -220,6 +221,8 @@ def main(argv=None) -> dict:
     data = ensure_dataset(args.dataset, seed=args.seed)
     env_id = data.env_id or "Hopper-v5"
     model_env = None if real_only else make_model_env(args, env_id)
+    if model_env is not None:  # warns when the bundle learned another version of this dataset
+        check_dataset_matches(model_env.venv.bundle, data)
     action_space = model_env.single_action_space if model_env is not None else _real_action_space(env_id)
     algorithm = build_algorithm(data, action_space, args)
     log = train(algorithm, dataset_buffer(data), model_env, args)
