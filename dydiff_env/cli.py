@@ -440,14 +440,15 @@ def main(argv: list[str] | None = None) -> int:
     from .bundle import BundleError
     from .checkpoint import CheckpointError
     from .data import DatasetNotFoundError
-    from .distributed import LeaderFailed
+    from .distributed import LeaderFailed, after_error_line
     from .writers import LockedError
 
     try:
         return args.func(args)
     except (BundleError, CheckpointError, DatasetNotFoundError, LockedError, LeaderFailed, OSError) as err:
         # a bad bundle, checkpoint, dataset or path, or another writer in the way (on rank 0, under torchrun)
-        print(error_line(err), file=sys.stderr)
+        print(error_line(err), file=sys.stderr, flush=True)
+        after_error_line(err)
         return 1
     except (ValueError, TypeError) as err:  # arguments refused further down (an unknown env id, a bad actor file)
         print(error_line(err), file=sys.stderr)

@@ -20,6 +20,8 @@ that the ranks ended with identical weights.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -37,6 +39,21 @@ PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 
 class LeaderFailed(RuntimeError):
     """Raised on the other ranks when rank 0 failed at a step they wait on (the message names rank 0's error)."""
+
+
+def mark_shared(err: BaseException) -> None:
+    """Mark rank 0's error as sent to the other ranks, which raise `LeaderFailed` for it."""
+    err.shared_with_ranks = True
+
+
+def after_error_line(err: BaseException) -> None:
+    """Called by each rank after printing its error line: for an error every rank knows (rank 0's shared error,
+    the others' `LeaderFailed`), wait until all have printed, since torchrun stops the remaining ranks as soon
+    as one exits. A rank that leaves the barrier first may break the connection under a slower one; the
+    lines are out by then, so that is ignored."""
+    if isinstance(err, LeaderFailed) or getattr(err, "shared_with_ranks", False):
+        with contextlib.suppress(RuntimeError):
+            barrier()
 
 
 def _dist():

@@ -572,6 +572,7 @@ def open_bundle_and_plan(out: Path, data: OfflineData, config: TrainConfig, requ
             if writer is not None:
                 writer.close()
             distributed.broadcast_json({"error": f"{type(err).__name__}: {err}"})
+            distributed.mark_shared(err)  # every rank prints its line before any exits (cli.main)
             raise
     plan = distributed.broadcast_json({"todo": todo})
     if "error" in plan:

@@ -148,11 +148,15 @@ def test_two_processes_average_gradients_and_rank_0_writes_the_bundle(tiny_bundl
     assert again.stdout.count("skipped (--resume)") == len(MODEL_KINDS)
     assert (out / "config.json").read_bytes() == before
 
-    # a refusal on rank 0 (another architecture) ends every rank at once, each naming it in one line
+    # a refusal on rank 0 (another architecture) ends every rank at once, each naming it in one line. Each rank
+    # prints before a barrier (distributed.after_error_line), but torchrun stops the others as soon as one
+    # exits, and rarely (1 run in about 10 on a busy machine) a line is lost in that teardown: rank 0's
+    # line is required, rank 1's is allowed
     refused = subprocess.run(torchrun_command(train_argv(out, "all", "--preset", "cpu")), capture_output=True,
                              text=True, env=env, timeout=300)
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
-    assert refused.returncode != 0 and len(errors) == 2, refused.stderr[-2000:]
-    assert all("pass --overwrite" in line and "unexpected" not in line for line in errors)
-    assert any(line.startswith("error: rank 0 could not start training (BundleError") for line in errors)
+    assert refused.returncode != 0 and 1 <= len(errors) <= 2, (errors, refused.stderr[-2000:])
+    assert all("pass --overwrite" in line and "unexpected" not in line for line in errors), errors
+    assert any(line.startswith("error: bundle ") and "another architecture" in line for line in errors) or \
+        any(line.startswith("error: rank 0 could not start training (BundleError") for line in errors), errors
     assert (out / "config.json").read_bytes() == before
