@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import fidelity  # noqa: E402
-from dydiff_env.rollout import FilterConfig, RefineConfig, dydiff_rollout  # noqa: E402
+from dydiff_env.rollout import FilterConfig, RefineConfig, dydiff_rollout, elite_spread  # noqa: E402
 
 HORIZONS = (1, 2, 4, 8, 15, 31, 47, 63)
 PROBE_STEPS = 4
@@ -45,9 +45,9 @@ def calibrate(setup: fidelity.Setup, regime: str, seed: int) -> dict:
     states = torch.cat([single.obs, single.next_obs[:, -1:]], 1)
     sample = torch.cat([sampled.obs, sampled.next_obs[:, -1:]], 1)
     spread = [torch.zeros(len(s0))]
-    for t in range(horizon):
+    for t in range(horizon):  # the same running variance v as the rollout's uncertainty blend
         means, _ = bundle.dynamics.member_predictions(single.obs[:, t], single.actions[:, t])
-        spread.append((means.var(0, unbiased=False) / std ** 2).mean(-1))
+        spread.append(elite_spread(means, std ** 2))
     variance = torch.cumsum(torch.stack(spread, 1), 1)
     ensemble_error = (((states - truth) / std) ** 2).mean(-1)
     sample_error = (((sample - truth) / std) ** 2).mean(-1)

@@ -126,6 +126,12 @@ class RefineConfig:
         if self.max_probe_ratio is not None and not self.max_probe_ratio > 0:
             raise ValueError(f"max_probe_ratio must be > 0 or None, got {self.max_probe_ratio}")
 
+    def check_horizon(self, horizon: int) -> None:
+        """Refuse anchoring every transition of a `horizon`-step rollout (there is nothing left to refine)."""
+        if self.anchor_steps >= horizon:
+            raise ValueError(f"refine.anchor_steps ({self.anchor_steps}) must be below the rollout horizon "
+                             f"({horizon}); anchoring every step is the single-step rollout: use num_iterations=0")
+
 
 @dataclass
 class DynamicsConfig:

@@ -216,9 +216,8 @@ class DydiffEnv(gym.vector.VectorEnv):
         self.horizon = cfg.horizon or (max(1, 3 * window // 4) if window else 32)
         if cfg.plans != "never" and cfg.num_iterations > 0 and self.horizon > window - 1:
             raise ValueError(f"horizon must be at most {window - 1} for this bundle's diffusion window of {window}")
-        if cfg.plans != "never" and cfg.num_iterations > 0 and cfg.refine.anchor_steps >= self.horizon:
-            raise ValueError(f"refine.anchor_steps ({cfg.refine.anchor_steps}) must be below the plan horizon "
-                             f"({self.horizon}); anchoring every step is num_iterations=0")
+        if cfg.plans != "never" and cfg.num_iterations > 0:
+            cfg.refine.check_horizon(self.horizon)  # at construction, not at the first plan
         self.sampler = cfg.sampler or self.bundle.config.sampler
         self.pool_size = cfg.pool_size or max(self.num_envs, 16)
         self.max_episode_steps = cfg.max_episode_steps

@@ -162,9 +162,8 @@ def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy,
         raise ValueError(f"horizon must be in [1, {window - 1}] for this bundle's diffusion window of {window} rows")
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
-    if num_iterations > 0 and refine.anchor_steps >= horizon:
-        raise ValueError(f"anchor_steps ({refine.anchor_steps}) must be below the horizon ({horizon}); anchoring "
-                         "every step is the single-step rollout: use num_iterations=0")
+    if num_iterations > 0:
+        refine.check_horizon(horizon)
 
     chunks = [_rollout_chunk(bundle, part, policy, horizon, num_iterations, sampler, generator, dynamics_mode, window,
                              refine, first_row=i * chunk_size)
@@ -172,6 +171,12 @@ def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy,
     result = RolloutResult(*(torch.cat([getattr(c, f) for c in chunks]) for f in RolloutResult.__dataclass_fields__))
     result.kept = filter_trajectories(result.returns, filter, generator)
     return result
+
+
+def elite_spread(means: torch.Tensor, obs_var: torch.Tensor) -> torch.Tensor:
+    """(B,) the elites' variance of their predicted next states (means (E, B, obs)), mean over dimensions, in
+    dataset-std units: one step's term of the ensemble's running variance estimate v."""
+    return (means.var(0, unbiased=False) / obs_var).mean(-1)
 
 
 def diffusion_weight(step_variance: torch.Tensor, refine: RefineConfig,
@@ -225,7 +230,7 @@ def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generat
         means, stds = bundle.dynamics.member_predictions(states[-1], a)
         actions.append(a)
         states.append(bundle.dynamics.next_from_members(means, stds, dynamics_mode, generator))
-        step_variance.append((means.var(0, unbiased=False) / obs_var).mean(-1))
+        step_variance.append(elite_spread(means, obs_var))
     states = torch.stack(states[:length], 1)  # (B, L, obs): s_0 .. s_{L-1}
     actions = torch.stack(actions, 1)  # (B, L, act)
 
