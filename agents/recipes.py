@@ -22,6 +22,7 @@ import torch
 from dydiff_env.bundle import check_dataset_matches
 from dydiff_env.config import RefineConfig
 from dydiff_env.data import DEFAULT_DATASET_ID, DatasetNotFoundError, OfflineData, load_dataset
+from dydiff_env.tasks import TASKS, get_task, preset_for_dataset
 
 # --refine: the settings docs/fidelity.md compares
 REFINE_CHOICES = {"default": RefineConfig(), "ungated": RefineConfig(max_probe_ratio=None),
@@ -32,9 +33,9 @@ def ensure_dataset(dataset_id: str = DEFAULT_DATASET_ID, seed: int = 0) -> Offli
     try:
         return load_dataset(dataset_id)
     except DatasetNotFoundError:
-        from dydiff_env.cli import COLLECT_PRESETS, main as cli_main
+        from dydiff_env.cli import main as cli_main
 
-        preset = next((name for name, p in COLLECT_PRESETS.items() if p.dataset_id == dataset_id), None)
+        preset = preset_for_dataset(dataset_id)
         if preset is None:
             raise
         print(f"[data] {dataset_id} not found locally: collecting it in the real simulator "
@@ -44,9 +45,27 @@ def ensure_dataset(dataset_id: str = DEFAULT_DATASET_ID, seed: int = 0) -> Offli
         return load_dataset(dataset_id)
 
 
-def default_run_dir(script: str, seed: int, real_only: bool = False) -> str:
-    """runs/<script>-seed<seed>, with -nodydiff for a real-data-only run so it never overwrites the DyDiff run."""
-    return os.path.join("runs", f"{script}-seed{seed}{'-nodydiff' if real_only else ''}")
+def task_and_dataset(args: argparse.Namespace) -> tuple[str | None, str]:
+    """(task, dataset id) from the shared flags: --dataset, or else the medium dataset of --task (default hopper).
+    The task is None for a dataset id that names no known task (its env id is checked when it loads)."""
+    if args.dataset is None:
+        task = get_task(args.task or "hopper")
+        return task.name, task.dataset_id("medium")
+    try:
+        dataset_task = get_task(args.dataset).name
+    except ValueError:
+        dataset_task = None
+    if args.task is not None and dataset_task not in (None, args.task):
+        raise SystemExit(f"error: --dataset {args.dataset} is a {dataset_task} dataset but --task is {args.task}; "
+                         "pass one of them")
+    return dataset_task or args.task, args.dataset
+
+
+def default_run_dir(script: str, seed: int, real_only: bool = False, task: str | None = None) -> str:
+    """runs/<script>-seed<seed> for Hopper, runs/<script>-<task>-seed<seed> for another task, with -nodydiff for a
+    real-data-only run so it never overwrites the DyDiff run."""
+    name = script if task in (None, "hopper") else f"{script}-{task}"
+    return os.path.join("runs", f"{name}-seed{seed}{'-nodydiff' if real_only else ''}")
 
 
 def run_results(out: str) -> list[str]:
@@ -80,8 +99,12 @@ def dydiff_rollout_fn(env, start_states: str = "any") -> Callable:
 
 def add_shared_args(parser: argparse.ArgumentParser) -> None:
     """The flags every example has: data, bundle, seed, device, threads, evaluation, output, DyDiff settings."""
-    parser.add_argument("--dataset", default=DEFAULT_DATASET_ID, help="Minari dataset id (collected on first use if known)")
-    parser.add_argument("--bundle", default=None, help="bundle directory (default: the shipped Hopper bundle)")
+    parser.add_argument("--task", default=None, choices=sorted(TASKS),
+                        help="the task: its medium dataset and shipped bundle are the defaults (default hopper)")
+    parser.add_argument("--dataset", default=None,
+                        help=f"Minari dataset id, collected on first use if a preset writes it (default: the task's "
+                             f"medium dataset, {DEFAULT_DATASET_ID} for hopper)")
+    parser.add_argument("--bundle", default=None, help="bundle directory (default: the bundle shipped for the task)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None,
@@ -135,13 +158,14 @@ def run_offline(name: str, make_agent: Callable[[OfflineData, str], object], arg
 
     from .trainer import OfflineTrainer, TrainerConfig
 
-    out = args.out or default_run_dir(name, args.seed, real_only=args.no_dydiff)
+    task, dataset_id = task_and_dataset(args)
+    out = args.out or default_run_dir(name, args.seed, real_only=args.no_dydiff, task=task)
     if args.overwrite and args.resume:
         raise SystemExit("error: --overwrite starts the run over and --resume continues it; pass one of them")
     refuse_existing_run(out, args, can_resume=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = ensure_dataset(args.dataset, seed=args.seed)
+    data = ensure_dataset(dataset_id, seed=args.seed)
     rollout_fn = None
     if not args.no_dydiff:
         env = DydiffEnv(num_envs=1, bundle=args.bundle, task=data.env_id or "hopper", horizon=args.horizon,
@@ -155,7 +179,7 @@ def run_offline(name: str, make_agent: Callable[[OfflineData, str], object], arg
                            eval_episodes=args.eval_episodes, eval_max_episode_steps=args.eval_max_steps,
                            log_every=args.log_every, seed=args.seed, device=args.device, out_dir=out,
                            checkpoint_every=max(1, min(args.steps, 10_000)), overwrite=args.overwrite,
-                           baseline_dir=args.baseline or default_run_dir(name, args.seed, real_only=True))
+                           baseline_dir=args.baseline or default_run_dir(name, args.seed, real_only=True, task=task))
     torch.manual_seed(args.seed)
     agent = make_agent(data, args.device)
     summary = OfflineTrainer(agent, data, config, rollout_fn).train(resume=args.resume)

@@ -93,6 +93,7 @@ from dydiff_env.data import DEFAULT_DATASET_ID, OfflineData, load_dataset  # noq
 from dydiff_env.env import DydiffEnv, shipped_bundle_path  # noqa: E402
 from dydiff_env.policies import as_policy  # noqa: E402
 from dydiff_env.render import RenderError  # noqa: E402
+from dydiff_env.tasks import TASKS, get_task  # noqa: E402
 from agents.trainer import json_safe  # noqa: E402
 from dydiff_env.rollout import (FilterConfig, RolloutResult, behaviour_policy, call_policy,  # noqa: E402
                                 dydiff_rollout)
@@ -444,8 +445,11 @@ def prepare(args: argparse.Namespace, log=print) -> Setup:
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
-    bundle_path = Path(args.bundle) if args.bundle else shipped_bundle_path("hopper")
-    bundle = load_bundle(bundle_path, require=("dynamics", "reward"))
+    named_task = getattr(args, "task", None)  # None: the task of --bundle, or hopper
+    bundle_path = Path(args.bundle) if args.bundle else shipped_bundle_path(get_task(named_task or "hopper").name)
+    bundle = load_bundle(bundle_path, env_id=named_task and get_task(named_task).env_id, require=("dynamics", "reward"))
+    task = bundle.task
+    dataset_id = args.dataset or task.dataset_id("medium")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
     iterations = [parse_method(m)[0] for m in methods]  # raises on an unknown name
     if any(m > 0 for m in iterations):
@@ -467,18 +471,18 @@ def prepare(args: argparse.Namespace, log=print) -> Setup:
         sampler = dataclasses.replace(sampler, num_steps=int(steps))
     if getattr(args, "sampler_kind", None):
         sampler = dataclasses.replace(sampler, kind=args.sampler_kind)
-    out_dir = Path(args.out)
+    out_dir = Path(args.out or default_out(task.name))
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    data = load_dataset(args.dataset)
+    data = load_dataset(dataset_id)
     if data.env_id and data.env_id != bundle.task.env_id:
-        raise ValueError(f"dataset '{args.dataset}' is of {data.env_id}, the bundle models {bundle.task.env_id}")
+        raise ValueError(f"dataset '{dataset_id}' is of {data.env_id}, the bundle models {bundle.task.env_id}")
     check_dataset_matches(bundle, data)  # warns when the bundle learned another version of this dataset
     rows, eligible = select_starts(data, num_starts, horizon, args.seed)
     start_obs = data.observations[rows].astype(np.float32)
     qpos, qvel = data.qpos[rows], data.qvel[rows]
     policy, policy_info = build_policy(args.policy, bundle, data, policy_steps, args.seed, out_dir)
-    log(f"[fidelity] bundle {bundle_path}, dataset {args.dataset}: {len(rows)} starts ({eligible} eligible), "
+    log(f"[fidelity] bundle {bundle_path}, dataset {dataset_id}: {len(rows)} starts ({eligible} eligible), "
         f"H={horizon}, sampler steps {sampler.num_steps}, policy {args.policy}")
 
     # teacher-forced truth: replay the recorded actions in the simulator; it must reproduce the dataset
@@ -531,7 +535,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     std = np.asarray(bundle.normalizer("obs").std, np.float64)
     shared: dict = {}
     results = {
-        "config": {"bundle": str(setup.bundle_path), "dataset": args.dataset, "dataset_hash": data.content_hash,
+        "config": {"bundle": str(setup.bundle_path), "dataset": data.dataset_id, "dataset_hash": data.content_hash,
                    "bundle_dataset_hash": bundle.meta.get("dataset_hash"), "policy": args.policy,
                    "policy_info": setup.policy_info, "num_starts": int(len(rows)), "eligible_starts": setup.eligible,
                    "horizon": horizon, "window": setup.window, "seed": args.seed, "sampler_steps": sampler.num_steps,
@@ -689,11 +693,25 @@ def plot(results: dict, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
+def add_task_args(p: argparse.ArgumentParser) -> None:
+    """--task, --bundle and --dataset, as every fidelity benchmark takes them."""
+    p.add_argument("--task", default=None, choices=sorted(TASKS),
+                   help="the task: the defaults of --bundle and --dataset are its shipped bundle and medium dataset "
+                        "(default: the task of --bundle, else hopper)")
+    p.add_argument("--bundle", default=None, help="bundle directory (default: the bundle shipped for --task)")
+    p.add_argument("--dataset", default=None,
+                   help=f"Minari dataset with recorded qpos/qvel (default: the task's medium dataset, {DEFAULT_DATASET_ID} "
+                        "for hopper)")
+
+
+def default_out(task: str) -> Path:
+    return DEFAULT_OUT if task == "hopper" else DEFAULT_OUT.with_name(f"{DEFAULT_OUT.name}-{task}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", default=None, help="bundle directory (default: the shipped hopper bundle)")
-    p.add_argument("--dataset", default=DEFAULT_DATASET_ID, help="Minari dataset with recorded qpos/qvel")
+    add_task_args(p)
     p.add_argument("--policy", default="td3bc", help="td3bc | bc | snapshot:PATH | module:func (default td3bc)")
     p.add_argument("--policy-steps", type=int, default=None,
                    help=f"TD3+BC updates (default {FULL['policy_steps']}, --quick {QUICK['policy_steps']}); cached in --out")
@@ -710,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (default all)")
     p.add_argument("--dynamics-mode", default="elite_mean", choices=("elite_mean", "mean", "sample"),
                    help="single-step ensemble prediction mode (default elite_mean, as dydiff_rollout)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT}, for another task than "
+                                                 f"hopper {DEFAULT_OUT}-<task>)")
     p.add_argument("--quick", action="store_true", help="small N, short H, fewer sampler steps (a few minutes)")
     p.add_argument("--video", action=argparse.BooleanOptionalAction, default=None,
                    help="write rollouts.gif, MuJoCo above DydiffEnv from 3 start states (default: on, off with --quick)")

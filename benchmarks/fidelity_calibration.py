@@ -63,7 +63,10 @@ def calibrate(setup: fidelity.Setup, regime: str, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fidelity_calibration", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", default=None, help="bundle directory (default: the shipped hopper bundle)")
+    p.add_argument("--task", default=None, choices=sorted(fidelity.TASKS),
+                   help="the task: its shipped bundle and medium dataset are the defaults (default: the task of "
+                        "--bundle, else hopper)")
+    p.add_argument("--bundle", default=None, help="bundle directory (default: the bundle shipped for --task)")
     p.add_argument("--policy", default="td3bc", help="td3bc | bc | snapshot:PATH | module:func (as benchmarks/fidelity.py)")
     p.add_argument("-n", "--num-starts", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     fidelity_args = fidelity.build_parser().parse_args(
         ["-n", str(args.num_starts), "--seed", str(args.seed), "--no-video", "--out", args.out, "--policy", args.policy,
-         "--methods", "ensemble,dydiff-M1"] + (["--bundle", args.bundle] if args.bundle else [])
+         "--methods", "ensemble,dydiff-M1"] + (["--task", args.task] if args.task else []) + (["--bundle", args.bundle] if args.bundle else [])
         + (["--threads", str(args.threads)] if args.threads else []))
     setup = fidelity.prepare(fidelity_args, log=lambda *a: None)
     results = {regime: calibrate(setup, regime, args.seed) for regime in fidelity.REGIMES}

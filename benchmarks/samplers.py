@@ -166,8 +166,7 @@ def plot(results: dict, path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.samplers", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", default=None, help="bundle directory (default: the shipped hopper bundle)")
-    p.add_argument("--dataset", default=fidelity.DEFAULT_DATASET_ID, help="Minari dataset with recorded qpos/qvel")
+    fidelity.add_task_args(p)
     p.add_argument("--policy", default="td3bc", help="learning policy of the policy-driven regime (as fidelity.py)")
     p.add_argument("--policy-steps", type=int, default=None, help="TD3+BC updates (as fidelity.py)")
     p.add_argument("-n", "--num-starts", type=int, default=96, help="fidelity start states (default 96)")
@@ -189,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.horizon = args.horizon or 8
         args.grid = args.grid if args.grid != DEFAULT_GRID else "heun:3,dpmpp_2m:2"
     fidelity_args = argparse.Namespace(
-        bundle=args.bundle, dataset=args.dataset, policy=args.policy, policy_steps=args.policy_steps,
+        task=args.task, bundle=args.bundle, dataset=args.dataset, policy=args.policy, policy_steps=args.policy_steps,
         num_starts=args.num_starts, horizon=args.horizon, seed=args.seed, threads=args.threads, sampler_steps=None,
         sampler_kind=None, methods="ensemble,dydiff-M1,dydiff-M2", dynamics_mode="elite_mean",
         out=args.out, quick=args.quick)

@@ -51,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dydiff_env.tasks import TASKS
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "throughput.json"
 
 
@@ -308,7 +310,9 @@ def write_json(results: dict, path: Path) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", help="bundle directory (default: the bundle shipped for hopper, if any)")
+    p.add_argument("--task", default="hopper", choices=sorted(TASKS),
+                   help="task whose shipped bundle is measured when --bundle is not given (default hopper)")
+    p.add_argument("--bundle", help="bundle directory (default: the bundle shipped for --task, if any)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--steps", type=int, default=None,
                    help="vector steps per run of the agents served by the model (default 1000; --quick: 5)")
@@ -341,9 +345,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     from dydiff_env import load_bundle, shipped_bundle_path
 
-    bundle_path = Path(args.bundle) if args.bundle else shipped_bundle_path("hopper")
+    bundle_path = Path(args.bundle) if args.bundle else shipped_bundle_path(args.task)
     if args.bundle is None and not (bundle_path / "config.json").is_file():
-        sys.exit("no bundle ships for hopper in this installation; pass --bundle DIR (see `dydiff-env train`)")
+        sys.exit(f"no bundle ships for {args.task} in this installation; pass --bundle DIR (see `dydiff-env train`)")
     bundle = load_bundle(bundle_path, require=("dynamics", "reward", "bc", "diffusion"))
     sampler = bundle.config.sampler
     sampler10 = dataclasses.replace(sampler, num_steps=10)

@@ -45,7 +45,7 @@ from .bundle_schema import (FORMAT_VERSION, MODEL_FILES, START_STATES_FILE, Bund
 from .config import START_STATE_MODES, TrainConfig, architecture_changes, describe_architecture_changes
 from .data import DEFAULT_DATASET_ID, Normalizer, OfflineData, software_versions, versions_of
 from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion
-from .tasks import Task, get_task
+from .tasks import Task, get_task, preset_for_dataset
 from .writers import WriterLock, remove_stale_temporaries, write_atomically
 
 MAX_START_STATES = 20_000
@@ -463,9 +463,7 @@ def dataset_mismatch_message(bundle: Bundle, data: OfflineData) -> str:
 
 def recollect_advice(data: OfflineData, bundle_versions: dict[str, str]) -> str:
     """How to collect the bundle's dataset again, with the versions to install where they are known."""
-    from .cli import COLLECT_PRESETS
-
-    preset = next((name for name, p in COLLECT_PRESETS.items() if p.dataset_id == data.dataset_id), None)
+    preset = preset_for_dataset(data.dataset_id)
     how = (f"collect it again with `dydiff-env collect {preset} --overwrite`" if preset
            else "make it again the way the bundle's dataset was made")
     if not bundle_versions:

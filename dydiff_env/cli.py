@@ -17,68 +17,13 @@ import dataclasses
 import json
 import os
 import sys
-from dataclasses import dataclass
 
 from .config import START_STATE_MODES
 from .data import DEFAULT_DATASET_ID
+from .tasks import COLLECT_PRESETS
 
 # Module level imports stay light (no torch): `dydiff-env --help` and argument errors must answer at once.
 # Each command imports what it computes with.
-
-
-@dataclass(frozen=True)
-class CollectPreset:
-    task: str
-    dataset_id: str
-    actors: tuple[str, ...]  # shipped actor names, each run for an equal share of the steps
-    num_steps: int
-    description: str
-
-
-COLLECT_PRESETS = {
-    # the actors are snapshots of one SAC run (hopper-sac-snapshots.csv): replay-1/2/3 at 10k/40k/80k steps,
-    # medium at 108k, expert at 116k; dataset versions were bumped when the actors changed
-    "hopper-medium": CollectPreset(
-        "hopper", DEFAULT_DATASET_ID, ("medium",), 200_000,
-        "Hopper-v5, stochastic SAC snapshot at about 30 % of the D4RL expert score (D4RL 'medium' recipe)."),
-    "hopper-medium-replay": CollectPreset(
-        "hopper", "dydiff/hopper/medium-replay-v1", ("replay-1", "replay-2", "replay-3", "medium"), 200_000,
-        "Hopper-v5, equal shares of SAC snapshots from the start of training up to the medium snapshot "
-        "(a reproducible stand-in for D4RL 'medium-replay', which is the replay buffer itself)."),
-    "hopper-expert": CollectPreset(
-        "hopper", "dydiff/hopper/expert-v0", ("expert",), 200_000,
-        "Hopper-v5, stochastic SAC snapshot at about 90 % of the D4RL expert score."),
-    # the medium half is the same episodes as hopper-medium (same actor, seed and share), as in D4RL
-    "hopper-medium-expert": CollectPreset(
-        "hopper", "dydiff/hopper/medium-expert-v0", ("medium", "expert"), 400_000,
-        "Hopper-v5, the hopper-medium episodes plus as many steps of the expert snapshot (D4RL 'medium-expert')."),
-    "hopper-random": CollectPreset(
-        "hopper", "dydiff/hopper/random-v0", ("random",), 100_000, "Hopper-v5, uniform random actions."),
-    # one SAC run (walker2d-sac-snapshots.csv): replay-1/2/3 at 15k/100k/160k, medium at 215k, expert at 325k
-    "walker2d-medium": CollectPreset(
-        "walker2d", "dydiff/walker2d/medium-v0", ("medium",), 200_000,
-        "Walker2d-v5, stochastic SAC snapshot at about 25 % of the expert snapshot's return (D4RL 'medium' recipe)."),
-    "walker2d-medium-replay": CollectPreset(
-        "walker2d", "dydiff/walker2d/medium-replay-v0", ("replay-1", "replay-2", "replay-3", "medium"), 200_000,
-        "Walker2d-v5, equal shares of SAC snapshots from early training up to the medium snapshot."),
-    "walker2d-expert": CollectPreset(
-        "walker2d", "dydiff/walker2d/expert-v0", ("expert",), 200_000,
-        "Walker2d-v5, stochastic SAC snapshot at about 93 % of the D4RL expert score."),
-    "walker2d-medium-expert": CollectPreset(
-        "walker2d", "dydiff/walker2d/medium-expert-v0", ("medium", "expert"), 400_000,
-        "Walker2d-v5, the walker2d-medium episodes plus as many steps of the expert snapshot."),
-    "walker2d-random": CollectPreset(
-        "walker2d", "dydiff/walker2d/random-v0", ("random",), 100_000, "Walker2d-v5, uniform random actions."),
-    # provisional actors of one SAC run stopped at ~160k steps (halfcheetah-sac-snapshots.csv); no expert yet
-    "halfcheetah-medium": CollectPreset(
-        "halfcheetah", "dydiff/halfcheetah/medium-v0", ("medium",), 200_000,
-        "HalfCheetah-v5, stochastic SAC snapshot at about 31 % of the D4RL expert score (provisional)."),
-    "halfcheetah-medium-replay": CollectPreset(
-        "halfcheetah", "dydiff/halfcheetah/medium-replay-v0", ("replay-1", "replay-2", "replay-3", "medium"), 200_000,
-        "HalfCheetah-v5, equal shares of SAC snapshots from early training up to the medium snapshot (provisional)."),
-    "halfcheetah-random": CollectPreset(
-        "halfcheetah", "dydiff/halfcheetah/random-v0", ("random",), 100_000, "HalfCheetah-v5, uniform random actions."),
-}
 
 
 # argument types: argparse reports a bad value as a usage error (exit code 2), never as a traceback

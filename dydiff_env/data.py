@@ -27,9 +27,9 @@ from .tasks import get_task
 from .writers import WriterLock
 
 
-# The dataset `dydiff-env collect hopper-medium` writes and the shipped bundle was trained on. The version was
-# bumped (v0 -> v1) when the shipped medium actor changed, so data from an older actor is never mixed up with it.
-DEFAULT_DATASET_ID = "dydiff/hopper/medium-v1"
+# The dataset `dydiff-env collect hopper-medium` writes and the shipped bundle was trained on
+# (dydiff/hopper/medium-v1: the version was bumped when the shipped medium actor changed).
+DEFAULT_DATASET_ID = get_task("hopper").dataset_id("medium")
 
 
 # The key of the software versions in a dataset's metadata.json (next to Minari's own keys).

@@ -97,9 +97,9 @@ def resolve_bundle(bundle: str | Path | Bundle | None, task: str, device: str | 
         if not (path / "config.json").is_file():
             t = get_task(task)
             raise BundleError(
-                f"no pretrained bundle ships for '{t.name}'. Train one: `dydiff-env collect {t.name}-medium` "
-                f"(or use any local Minari dataset of {t.env_id}) then `dydiff-env train all --dataset ID --out DIR "
-                f"--preset cpu`, and pass bundle=DIR")
+                f"no pretrained bundle ships for '{t.name}' in this installation. Train one: `dydiff-env collect "
+                f"{t.name}-medium` (or use any local Minari dataset of {t.env_id}), then `dydiff-env train all "
+                f"--dataset {t.dataset_id('medium')} --out DIR --preset cpu`, and pass bundle=DIR")
         bundle = path
     return load_bundle(bundle, env_id=get_task(task).env_id, device=device, require=("dynamics", "reward"))
 

@@ -155,16 +155,17 @@ def main(argv=None) -> dict:
     from stable_baselines3.common.vec_env import VecMonitor
 
     from agents.evaluation import evaluate
-    from agents.recipes import default_run_dir, ensure_dataset, refuse_existing_run
+    from agents.recipes import default_run_dir, ensure_dataset, refuse_existing_run, task_and_dataset
     from dydiff_env.bundle import check_dataset_matches
 
     args = build_parser().parse_args(argv)
-    out = args.out or default_run_dir(f"sb3_{args.algo}", args.seed)
+    task, dataset_id = task_and_dataset(args)
+    out = args.out or default_run_dir(f"sb3_{args.algo}", args.seed, task=task)
     refuse_existing_run(out, args, can_resume=False)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    data = ensure_dataset(args.dataset, seed=args.seed)
+    data = ensure_dataset(dataset_id, seed=args.seed)
     env_id = data.env_id or "Hopper-v5"
     env = make_env(args, env_id)
     check_dataset_matches(env.venv.bundle, data)  # warns when the bundle learned another version of this dataset

@@ -204,7 +204,7 @@ def train(algorithm, real_buffer, model_env, args) -> dict:
 
 def main(argv=None) -> dict:
     from agents.evaluation import evaluate
-    from agents.recipes import default_run_dir, ensure_dataset, refuse_existing_run
+    from agents.recipes import default_run_dir, ensure_dataset, refuse_existing_run, task_and_dataset
     from dydiff_env.bundle import check_dataset_matches
     from dydiff_env.policies import as_policy
 
@@ -212,13 +212,14 @@ def main(argv=None) -> dict:
     if not 0.0 <= args.real_fraction <= 1.0:
         raise SystemExit(f"--real-fraction must be in [0, 1], got {args.real_fraction}")
     real_only = args.real_fraction >= 1.0  # no model data: the baseline, with its own default directory
-    out = args.out or default_run_dir("tianshou_td3bc", args.seed, real_only=real_only)
+    task, dataset_id = task_and_dataset(args)
+    out = args.out or default_run_dir("tianshou_td3bc", args.seed, real_only=real_only, task=task)
     refuse_existing_run(out, args, can_resume=False)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)  # Tianshou's buffers sample with numpy's global RNG
-    data = ensure_dataset(args.dataset, seed=args.seed)
+    data = ensure_dataset(dataset_id, seed=args.seed)
     env_id = data.env_id or "Hopper-v5"
     model_env = None if real_only else make_model_env(args, env_id)
     if model_env is not None:  # warns when the bundle learned another version of this dataset

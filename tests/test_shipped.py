@@ -8,7 +8,7 @@ from dydiff_env.behaviour import load_shipped_actor
 from dydiff_env.bundle import load_bundle
 from dydiff_env.data import DEFAULT_DATASET_ID
 from dydiff_env.env import shipped_bundle_path
-from dydiff_env.tasks import get_task
+from dydiff_env.tasks import TASKS, get_task
 
 
 def test_shipped_bundle_loads_and_is_small():
@@ -44,7 +44,7 @@ def test_unknown_shipped_actor_names_the_fix():
 
 
 def test_every_collect_preset_names_shipped_actors():
-    from dydiff_env.cli import COLLECT_PRESETS
+    from dydiff_env.tasks import COLLECT_PRESETS
 
     for preset in COLLECT_PRESETS.values():
         for actor in preset.actors:
@@ -52,7 +52,7 @@ def test_every_collect_preset_names_shipped_actors():
                 load_shipped_actor(preset.task, actor)  # raises if a preset names an actor that is not shipped
 
 
-@pytest.mark.parametrize("task", ["hopper", "walker2d"])
+@pytest.mark.parametrize("task", sorted(TASKS))
 def test_medium_expert_starts_with_the_medium_episodes(task):
     """As in D4RL, medium-expert is the medium data plus expert data: same actor, seed and share, same episodes."""
     from dydiff_env.cli import main
@@ -71,11 +71,14 @@ def test_medium_expert_starts_with_the_medium_episodes(task):
 
 def test_every_task_has_collect_presets_that_write_replayable_datasets():
     """Each task's medium preset collects with the simulator's qpos/qvel and the task's reference scores."""
-    from dydiff_env.cli import COLLECT_PRESETS, main
+    from dydiff_env.cli import main
     from dydiff_env.data import load_dataset
+    from dydiff_env.tasks import COLLECT_PRESETS, LEVELS, preset_for_dataset
 
     for task in ("walker2d", "halfcheetah"):
-        assert {f"{task}-medium", f"{task}-medium-replay", f"{task}-random"} <= set(COLLECT_PRESETS)
+        for level in LEVELS:
+            preset = COLLECT_PRESETS[f"{task}-{level}"]
+            assert preset.task == task and preset_for_dataset(preset.dataset_id) == f"{task}-{level}"
         assert main(["collect", f"{task}-medium", "--steps", "60", "--dataset-id", f"test/{task}/presets-v0"]) == 0
         data = load_dataset(f"test/{task}/presets-v0")
         assert data.env_id == get_task(task).env_id and len(data) >= 60

@@ -111,3 +111,34 @@ def test_normalized_score():
     for task in TASKS.values():
         assert task.normalized_score(task.ref_min_score) == pytest.approx(0.0, abs=1e-9)
         assert task.normalized_score(task.ref_max_score) == pytest.approx(100.0)
+
+
+def test_each_level_has_one_dataset_id_per_task():
+    from dydiff_env.tasks import COLLECT_PRESETS, LEVELS, preset_for_dataset
+
+    assert get_task("hopper").dataset_id() == "dydiff/hopper/medium-v1"  # the shipped hopper bundle's dataset
+    assert get_task("walker2d").dataset_id("expert") == "dydiff/walker2d/expert-v0"
+    with pytest.raises(ValueError, match="known levels"):
+        get_task("hopper").dataset_id("grandmaster")
+    ids = [preset.dataset_id for preset in COLLECT_PRESETS.values()]
+    assert len(ids) == len(set(ids)) == len(TASKS) * len(LEVELS)
+    assert preset_for_dataset("someone/else-v0") is None
+
+
+def test_examples_take_a_task_or_a_dataset_of_it():
+    import argparse
+
+    from agents.recipes import default_run_dir, task_and_dataset
+
+    def flags(task=None, dataset=None):
+        return argparse.Namespace(task=task, dataset=dataset)
+
+    assert task_and_dataset(flags()) == ("hopper", "dydiff/hopper/medium-v1")
+    assert task_and_dataset(flags(task="walker2d")) == ("walker2d", "dydiff/walker2d/medium-v0")
+    assert task_and_dataset(flags(dataset="dydiff/halfcheetah/expert-v0")) == ("halfcheetah", "dydiff/halfcheetah/expert-v0")
+    assert task_and_dataset(flags(task="hopper", dataset="mine/custom-v0")) == ("hopper", "mine/custom-v0")
+    with pytest.raises(SystemExit, match="pass one of them"):
+        task_and_dataset(flags(task="hopper", dataset="dydiff/walker2d/medium-v0"))
+    # hopper keeps the documented directories; another task's runs never overwrite them
+    assert default_run_dir("train_td3bc", 0, task="hopper") == default_run_dir("train_td3bc", 0)
+    assert default_run_dir("train_td3bc", 1, True, task="walker2d").endswith("train_td3bc-walker2d-seed1-nodydiff")
