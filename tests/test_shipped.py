@@ -11,24 +11,48 @@ from dydiff_env.env import shipped_bundle_path
 from dydiff_env.tasks import TASKS, get_task
 
 
-def test_shipped_bundle_loads_and_is_small():
-    path = shipped_bundle_path("hopper")
-    size = sum(f.stat().st_size for f in path.iterdir())
-    assert size < 20 * 2**20
-    bundle = load_bundle(path, env_id="Hopper-v5", require=("diffusion", "dynamics", "reward", "bc"))
-    assert bundle.meta["dataset_id"] == DEFAULT_DATASET_ID
+SHIPPED_BUNDLES = ["hopper"]  # every task whose bundle ships in dydiff_env/assets/bundles
+
+
+def test_shipped_bundles_are_small_together():
+    sizes = {task: sum(f.stat().st_size for f in shipped_bundle_path(task).iterdir()) for task in SHIPPED_BUNDLES}
+    assert max(sizes.values()) < 20 * 2**20 and sum(sizes.values()) < 60 * 2**20, sizes
+
+
+@pytest.mark.parametrize("task", SHIPPED_BUNDLES)
+def test_shipped_bundle_loads_and_learned_the_medium_dataset(task):
+    bundle = load_bundle(shipped_bundle_path(task), env_id=get_task(task).env_id,
+                         require=("diffusion", "dynamics", "reward", "bc"))
+    assert bundle.meta["dataset_id"] == get_task(task).dataset_id("medium")
     assert len(bundle.start_states["observations"]) > 0
 
 
-def test_make_with_no_arguments_uses_the_shipped_bundle():
+def test_hopper_bundle_learned_the_default_dataset():
+    assert load_bundle(shipped_bundle_path("hopper")).meta["dataset_id"] == DEFAULT_DATASET_ID
+
+
+@pytest.mark.parametrize("task", SHIPPED_BUNDLES)
+def test_make_with_no_arguments_uses_the_shipped_bundle(task):
     import gymnasium
 
     # a cheap sampler keeps the test fast; the defaults are exercised by benchmarks/throughput.py
-    env = gymnasium.make("Dydiff-hopper-v0", sampler={"num_steps": 3}, pool_size=2)
+    env = gymnasium.make(dydiff_env.ENV_IDS[task], sampler={"num_steps": 3}, pool_size=2)
     obs, _ = env.reset(seed=0)
-    assert obs.shape == (11,) and obs.dtype == np.float64
+    assert obs.shape == (get_task(task).obs_dim,) and obs.dtype == np.float64
     obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
     assert np.isfinite(obs).all() and np.isfinite(reward)
+
+
+@pytest.mark.parametrize("task", sorted(set(TASKS) - set(SHIPPED_BUNDLES)))
+def test_make_without_a_shipped_bundle_gives_advice_that_works(task):
+    import gymnasium
+
+    from dydiff_env.bundle_schema import BundleError
+
+    with pytest.raises(BundleError) as failure:
+        gymnasium.make(dydiff_env.ENV_IDS[task])
+    advice = str(failure.value)
+    assert f"dydiff-env collect {task}-medium" in advice and get_task(task).dataset_id("medium") in advice
 
 
 @pytest.mark.parametrize("name", ["medium", "replay-1", "replay-2", "replay-3", "expert"])
