@@ -712,19 +712,33 @@ def distillation_loss(student: TrajectoryDiffusion, points: torch.Tensor, sigmas
     return (error * free).sum() / free.sum().clamp_min(1)
 
 
+def sample_gap(sample: torch.Tensor, pairs: TeacherPairs) -> float:
+    """RMS distance (unit scale, free entries) between samples and the teacher's samples of the same windows."""
+    mse = ((sample - pairs.target).pow(2) * pairs.free).sum() / pairs.free.sum().clamp_min(1)
+    return float(mse.sqrt())
+
+
 @torch.no_grad()
 def student_gap(student: TrajectoryDiffusion, pairs: TeacherPairs, distill: DistillConfig, seed: int) -> dict[str, float]:
-    """RMS distance (unit scale, free entries) between the student's K-step samples and the teacher's samples
-    of the same windows, for every K = 1..max_steps: how well the student stands in for its teacher."""
+    """`sample_gap` of the student's K-step samples for every K = 1..max_steps: how well the student stands
+    in for its teacher. The samples start from other noise than the teacher's, so the floor is the teacher's
+    own spread (`teacher_spread`)."""
     grid = edm_sigma_steps(distill.teacher_sampler())
     cond_mask = student.condition_mask(device=pairs.target.device)
     gaps = {}
     for k in range(1, distill.max_steps + 1):
         sigmas = [float(grid[i]) for i in distill.student_sigma_indices(k)]
         sample = student_sample(student.denoise, pairs.target, cond_mask, sigmas, torch.Generator().manual_seed(seed))
-        mse = ((sample - pairs.target).pow(2) * pairs.free).sum() / pairs.free.sum().clamp_min(1)
-        gaps[f"gap_k{k}"] = float(mse.sqrt())
+        gaps[f"gap_k{k}"] = sample_gap(sample, pairs)
     return gaps
+
+
+@torch.no_grad()
+def teacher_spread(teacher: TrajectoryDiffusion, pairs: TeacherPairs, distill: DistillConfig, seed: int) -> float:
+    """`sample_gap` of the teacher's samples of the same windows from other noise: the floor of the student's gap."""
+    sample = edm_sample(teacher.denoise, pairs.target, teacher.condition_mask(device=pairs.target.device),
+                        distill.teacher_sampler(), torch.Generator().manual_seed(seed))
+    return sample_gap(sample, pairs)
 
 
 def train_student(teacher: TrajectoryDiffusion, data: OfflineData, diffusion: DiffusionConfig, split_seed: int,
@@ -773,8 +787,9 @@ def train_student(teacher: TrajectoryDiffusion, data: OfflineData, diffusion: Di
     hold_pairs = teacher_pairs(teacher, hold_source, norm, distill, hold_index, distill.seed + 1, dev)
     grid = edm_sigma_steps(distill.teacher_sampler())
     level_sigmas = torch.tensor([float(grid[i]) for i in distill.training_indices()], dtype=torch.float32, device=dev)
+    floor = teacher_spread(teacher, hold_pairs, distill, distill.seed + 2)
     if step == 0:  # the teacher's weights as a few-step sampler: what distillation starts from
-        metrics.log("student", 0, **student_gap(ema, hold_pairs, distill, distill.seed))
+        metrics.log("student", 0, teacher_spread=floor, **student_gap(ema, hold_pairs, distill, distill.seed))
 
     last_save = time.monotonic()
     bar = tqdm(total=distill.train_steps, initial=step, desc="distil student", unit="step", disable=not ctx.progress)
@@ -812,7 +827,7 @@ def train_student(teacher: TrajectoryDiffusion, data: OfflineData, diffusion: Di
     save()
     summary = {"steps": step, "teacher_sha256": teacher_digest, "teacher_sampler": f"{distill.teacher_kind} "
                f"{distill.teacher_steps}", "max_steps": distill.max_steps, "pairs": len(pairs),
-               **student_gap(ema, hold_pairs, distill, distill.seed)}
+               **student_gap(ema, hold_pairs, distill, distill.seed), "teacher_spread": floor}
     return ema, summary
 
 
@@ -850,5 +865,6 @@ def distill_student(out_dir: str | os.PathLike, data: OfflineData, config: Train
         summary["train_seconds"] = round(ctx.train_seconds(), 1)
         writer.add_model("student", model, summary, config)
         print(f"[train] student: done in {summary['train_seconds']} s; gap to the teacher per K "
-              f"{[round(summary[f'gap_k{k}'], 4) for k in range(1, config.student.max_steps + 1)]}")
+              f"{[round(summary[f'gap_k{k}'], 4) for k in range(1, config.student.max_steps + 1)]} (the teacher's own "
+              f"spread: {summary['teacher_spread']:.4f})")
     return {"student": summary}

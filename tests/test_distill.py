@@ -168,6 +168,11 @@ def test_env_steps_with_the_student(distilled_bundle):
     env.close()
 
 
+def test_env_refuses_the_student_sampler_without_a_student(tiny_bundle):
+    with pytest.raises(BundleError, match="train distill --bundle"):
+        DydiffEnv(bundle=str(tiny_bundle), sampler={"kind": "student", "num_steps": 1})
+
+
 def test_distill_refuses_a_bundle_without_diffusion(tiny_bundle_copy, tiny_dataset):
     meta = read_config(tiny_bundle_copy)
     del meta["models"]["diffusion"]
@@ -215,3 +220,13 @@ def test_cli_train_distill(tiny_bundle_copy, capsys):
     assert out["student"]["steps"] == 2
     assert cli.main(["info", str(tiny_bundle_copy)]) == 0
     assert "student" in json.loads(capsys.readouterr().out)["models"]
+
+
+def test_sampler_benchmark_grid_takes_student_entries(distilled_bundle, tiny_bundle):
+    from benchmarks.samplers import parse_grid, usable_samplers
+
+    grid = parse_grid("euler:3,student:2", SamplerConfig())
+    assert [s.kind for s in usable_samplers(grid, load_bundle(distilled_bundle))] == ["euler", "student"]
+    said = []
+    assert [s.kind for s in usable_samplers(grid, load_bundle(tiny_bundle), said.append)] == ["euler"]
+    assert "no distilled student" in said[0]
