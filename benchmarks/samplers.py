@@ -4,7 +4,8 @@
     python -m benchmarks.samplers --quick                     # a smoke run
 
 For every sampler of `--grid` (kind:steps[:churn], e.g. heun:34 is the reference stochastic Heun sampler,
-heun:10:0 the deterministic Heun sampler with 10 steps, dpmpp_2m:5 DPM-Solver++(2M) with 5 steps):
+heun:10:0 the deterministic Heun sampler with 10 steps, dpmpp_2m:5 DPM-Solver++(2M) with 5 steps, student:2 the
+bundle's distilled student with 2 calls, skipped when the bundle has none):
 - speed: `dydiff_rollout` of `--batch` dataset starts x 3/4 of the window with the bundle's BC policy, M = 1
   and M = 2, generated transitions per second on `--threads` torch threads;
 - fidelity: the fidelity benchmark's teacher-forced and policy-driven regimes (`benchmarks/fidelity.py`,
@@ -52,6 +53,17 @@ def parse_grid(text: str, base: SamplerConfig) -> list[SamplerConfig]:
             sampler = dataclasses.replace(sampler, s_churn=float(parts[2]))
         out.append(sampler)
     return out
+
+
+def usable_samplers(samplers: list[SamplerConfig], bundle, log=print) -> list[SamplerConfig]:
+    """The grid without student entries when the bundle has no student (each skipped one is said)."""
+    if bundle.student is not None:
+        return samplers
+    for sampler in samplers:
+        if sampler.kind == "student":
+            log(f"[samplers] skipping student:{sampler.num_steps}: the bundle has no distilled student "
+                "(`dydiff-env train distill --bundle DIR`)")
+    return [sampler for sampler in samplers if sampler.kind != "student"]
 
 
 def label(sampler: SamplerConfig) -> str:
@@ -132,7 +144,8 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"heun": "tab:blue", "heun deterministic": "tab:cyan", "dpmpp_2m": "tab:red", "euler": "tab:green"}
+    colours = {"heun": "tab:blue", "heun deterministic": "tab:cyan", "dpmpp_2m": "tab:red", "euler": "tab:green",
+               "student": "tab:purple"}
     markers = {1: "o", 2: "^"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, name in ((axes[0], "state_error", "policy-driven state error at H"),
@@ -172,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-starts", type=int, default=96, help="fidelity start states (default 96)")
     p.add_argument("--horizon", type=int, default=None, help="fidelity horizon H (default: window - 1)")
     p.add_argument("--batch", type=int, default=256, help="rollout batch for the speed measurement (default 256)")
-    p.add_argument("--grid", default=DEFAULT_GRID, help=f"samplers, kind:steps[:churn] (default {DEFAULT_GRID})")
+    p.add_argument("--grid", default=DEFAULT_GRID,
+                   help=f"samplers, kind:steps[:churn]; student:K for the bundle's student (default {DEFAULT_GRID})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"output directory (default {DEFAULT_OUT})")
@@ -193,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         sampler_kind=None, methods="ensemble,dydiff-M1,dydiff-M2", dynamics_mode="elite_mean",
         out=args.out, quick=args.quick)
     setup = fidelity.prepare(fidelity_args, log=print)
-    samplers = parse_grid(args.grid, setup.bundle.config.sampler)
+    samplers = usable_samplers(parse_grid(args.grid, setup.bundle.config.sampler), setup.bundle)
     out = Path(args.out)
     results = {"meta": {"bundle": str(setup.bundle_path), "threads": args.threads, "batch": args.batch,
                         "num_starts": int(len(setup.rows)), "horizon": setup.horizon, "policy": args.policy,

@@ -44,7 +44,7 @@ from .bundle_schema import (FORMAT_VERSION, MODEL_FILES, START_STATES_FILE, Bund
                             plain_file_name, tagged_file_name, validate_config)
 from .config import START_STATE_MODES, TrainConfig, architecture_changes, describe_architecture_changes
 from .data import DEFAULT_DATASET_ID, Normalizer, OfflineData, software_versions, versions_of
-from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion
+from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion, edm_sigma_steps
 from .tasks import Task, get_task, preset_for_dataset
 from .writers import WriterLock, remove_stale_temporaries, write_atomically
 
@@ -240,12 +240,30 @@ class BundleWriter:
             meta["train_config"][kind] = dataclasses.asdict(getattr(config, kind))
             if kind == "diffusion":
                 meta["train_config"]["sampler"] = dataclasses.asdict(config.sampler)
+        if kind == "diffusion":  # a student learned from the replaced teacher: it no longer fits
+            drop_student_of_another_teacher(meta)
         in_training = [k for k in meta.get("in_training", []) if k != kind]
         if in_training:
             meta["in_training"] = in_training
         else:
             meta.pop("in_training", None)
         self._commit(meta)
+
+
+def teacher_sha256(meta: dict) -> str | None:
+    """The sha256 of the diffusion model's weight file (the teacher of a student), None without one."""
+    name = files_by_kind(meta["files"]).get("diffusion")
+    return meta["files"][name] if name else None
+
+
+def drop_student_of_another_teacher(meta: dict) -> None:
+    """Remove from `meta` a student whose recorded teacher is not its diffusion model (which was retrained)."""
+    student = meta["models"].get("student")
+    if student is not None and student.get("teacher_sha256") != teacher_sha256(meta):
+        del meta["models"]["student"]
+        meta["files"].pop(files_by_kind(meta["files"]).get("student"), None)
+        print("[train] student: removed from the bundle, its teacher was replaced; distil it again with "
+              "`dydiff-env train distill --bundle DIR`")
 
 
 @dataclass
@@ -260,6 +278,7 @@ class Bundle:
     dynamics: DynamicsEnsemble | None
     reward: RewardModel | None
     bc: BCPolicy | None
+    student: TrajectoryDiffusion | None = None  # the distilled few-step student of `diffusion`
     start_states: dict[str, np.ndarray] = field(default_factory=dict)
     device: torch.device = torch.device("cpu")
 
@@ -277,9 +296,23 @@ class Bundle:
 
     def require(self, *kinds: str) -> None:
         missing = [k for k in kinds if getattr(self, k) is None]
+        if missing == ["student"]:
+            raise BundleError(f"bundle {self.path} has no distilled student; distil one with "
+                              f"`dydiff-env train distill --bundle {self.path}`, or choose another sampler kind")
         if missing:
             raise BundleError(f"bundle {self.path} has no {', '.join(missing)} model; train it with "
                               f"`dydiff-env train {missing[0]} --dataset {self.meta.get('dataset_id')} --out {self.path}`")
+
+    def student_sigmas(self, num_steps: int) -> list[float]:
+        """The noise levels of the student's `num_steps`-step sampler (`models.student_sample`), highest first."""
+        self.require("student")
+        distill = self.config.student
+        try:
+            indices = distill.student_sigma_indices(num_steps)
+        except ValueError as err:
+            raise BundleError(f"bundle {self.path}: {err}") from err
+        grid = edm_sigma_steps(distill.teacher_sampler())
+        return [float(grid[i]) for i in indices]
 
     def sample_start_obs(self, count: int, rng: np.random.Generator, mode: str = "any") -> torch.Tensor:
         """`count` stored dataset observations. The stored sample holds every episode start plus a uniform
@@ -324,7 +357,7 @@ class Bundle:
 
 def _build_model(kind: str, meta: dict, config: TrainConfig) -> torch.nn.Module:
     obs_dim, act_dim = meta["obs_dim"], meta["act_dim"]
-    if kind == "diffusion":
+    if kind in ("diffusion", "student"):  # the student has its teacher's architecture
         c = config.diffusion
         return TrajectoryDiffusion(obs_dim, act_dim, c.horizon, c.channels, c.kernel_size, c.sigma_data)
     if kind == "dynamics":
@@ -359,6 +392,15 @@ def _load_tensors(path: Path, expected_sha: str) -> dict[str, torch.Tensor]:
         raise BundleError(f"bundle file {path} is not a readable safetensors file ({err}); re-copy or re-train it") from err
 
 
+def recorded_dataset_id(path: str | os.PathLike) -> str | None:
+    """The id of the dataset a bundle's models were trained on, from its checked config.json."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise BundleError(f"{path} has no config.json, so it is not a dydiff-env bundle; train one with "
+                          "`dydiff-env train all --dataset ID --out DIR`")
+    return _read_config(cfg_path).get("dataset_id")
+
+
 def _read_config(cfg_path: Path) -> dict:
     """config.json, parsed and checked whole (`bundle_schema.validate_config`)."""
     try:
@@ -380,8 +422,13 @@ def _start_state_arrays(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarra
 
 
 def load_bundle(path: str | os.PathLike, env_id: str | None = None, device: str | torch.device = "cpu",
-                require: tuple[str, ...] = ()) -> Bundle:
-    """Load and validate a bundle directory. `env_id`, when given, must match the bundle's env.
+                require: tuple[str, ...] = (), without: tuple[str, ...] = ()) -> Bundle:
+    """Load and validate a bundle directory. `env_id`, when given, must match the bundle's env. `without`:
+    model kinds not to load (their files are neither read nor checked; distillation loads its teacher
+    without the student it replaces).
+
+    A student whose recorded teacher sha256 is not the diffusion model's file is refused (it was distilled
+    from another diffusion model): distil it again.
 
     A bundle is untrusted input (see `bundle_schema`): config.json is checked whole and every model's size is
     counted before a weight file is read; every tensor is checked (names, shapes, dtypes, finite values) before
@@ -404,7 +451,12 @@ def load_bundle(path: str | os.PathLike, env_id: str | None = None, device: str 
         raise BundleError(f"bundle {path} models {meta['env_id']}, not {get_task(env_id).env_id}; "
                           "pass a bundle trained on a dataset of that env")
     task, config = get_task(meta["env_id"]), TrainConfig.from_dict(meta["train_config"])
-    skeletons = {kind: _model_skeleton(kind, meta, config, cfg_path) for kind in MODEL_FILES if kind in meta["models"]}
+    skeletons = {kind: _model_skeleton(kind, meta, config, cfg_path) for kind in MODEL_FILES
+                 if kind in meta["models"] and kind not in without}
+    if "student" in skeletons and meta["models"]["student"]["teacher_sha256"] != teacher_sha256(meta):
+        raise BundleError(f"bundle {path}: the student was distilled from another diffusion model than the bundle's "
+                          f"(teacher sha256 {meta['models']['student']['teacher_sha256'][:12]}... differs from "
+                          f"the diffusion file's); distil it again with `dydiff-env train distill --bundle {path}`")
     for kind, skeleton in skeletons.items():
         check_model_size(kind, skeleton.state_dict(), cfg_path)
     models = dict.fromkeys(MODEL_FILES)
@@ -516,6 +568,8 @@ def export_bundle(src: str | os.PathLike, dst: str | os.PathLike, half: bool = T
             starts = {k: torch.as_tensor(v) for k, v in src_b.start_states.items()}
             name, digest = write_new_file(dst, "start_states", starts, referenced)
             meta["files"][name] = digest
+        if "student" in meta["models"]:  # its teacher is the diffusion file written here
+            meta["models"]["student"]["teacher_sha256"] = teacher_sha256(meta)
         meta["weights_dtype"] = "float16" if half else "float32"
         _atomic_json(dst / "config.json", meta)
         remove_unreferenced_files(dst, meta["files"])

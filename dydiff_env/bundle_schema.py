@@ -20,12 +20,15 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 import torch
 
-from .config import SAMPLER_KINDS, DiffusionConfig, DynamicsConfig, MLPConfig, SamplerConfig, TrainConfig
+from .config import (SAMPLER_KINDS, TEACHER_KINDS, DiffusionConfig, DistillConfig, DynamicsConfig, MLPConfig,
+                     SamplerConfig, TrainConfig)
 from .tasks import get_task
 
 FORMAT_VERSION = 1
 MODEL_FILES = {"diffusion": "diffusion.safetensors", "dynamics": "dynamics.safetensors",
-               "reward": "reward.safetensors", "bc": "bc.safetensors"}
+               "reward": "reward.safetensors", "bc": "bc.safetensors",
+               # optional: the distilled few-step student of the diffusion model (`dydiff-env train distill`)
+               "student": "student.safetensors"}
 START_STATES_FILE = "start_states.safetensors"
 # New weights never overwrite a file that config.json references (the previous state must stay loadable until
 # config.json is replaced), so a file can also carry the first 8 hex digits of its sha256: dynamics.1a2b3c4d.safetensors
@@ -191,6 +194,14 @@ TRAIN_CONFIG_FIELDS: dict[str, tuple[type, dict[str, Check]]] = {
     }),
     "reward": (MLPConfig, MLP_FIELDS),
     "bc": (MLPConfig, MLP_FIELDS),
+    "student": (DistillConfig, {
+        "teacher_kind": one_of(TEACHER_KINDS), "teacher_steps": integer(1, MAX_SAMPLER_STEPS),
+        "max_steps": integer(1, MAX_SAMPLER_STEPS), "sigma_min": number(0, MAX_SIGMA, low_open=True),
+        "sigma_max": number(0, MAX_SIGMA, low_open=True), "rho": number(0, 100, low_open=True),
+        "num_windows": integer(1), "teacher_batch": integer(1), "train_steps": integer(0), "batch_size": integer(1),
+        "lr": POSITIVE, "warmup_steps": integer(0), "ema_decay": number(0, 1), "grad_clip": POSITIVE,
+        "eval_every": integer(1), "holdout_windows": integer(1), "seed": integer(0),
+    }),
 }
 TRAIN_CONFIG_SCALARS: dict[str, Check] = {"seed": integer(0), "checkpoint_every_s": number(0)}
 
@@ -237,10 +248,15 @@ def check_train_config(train_config: Any, where: Any) -> None:
     if len(dynamics["weight_decay"]) != len(dynamics["hidden"]) + 1:
         fail(where, "train_config.dynamics.weight_decay", f"must have one entry per layer ({len(dynamics['hidden']) + 1} "
              f"for hidden {list(dynamics['hidden'])}), got {len(dynamics['weight_decay'])}")
-    sampler = merged.get("sampler", dataclasses.asdict(SamplerConfig()))
-    if sampler["sigma_max"] < sampler["sigma_min"]:
-        fail(where, "train_config.sampler.sigma_max", f"must be >= sigma_min ({sampler['sigma_min']}), "
-             f"got {sampler['sigma_max']}")
+    for name in ("sampler", "student"):
+        section = merged.get(name, dataclasses.asdict(TRAIN_CONFIG_FIELDS[name][0]()))
+        if section["sigma_max"] < section["sigma_min"]:
+            fail(where, f"train_config.{name}.sigma_max", f"must be >= sigma_min ({section['sigma_min']}), "
+                 f"got {section['sigma_max']}")
+    student = merged.get("student", dataclasses.asdict(DistillConfig()))
+    if student["max_steps"] > student["teacher_steps"]:
+        fail(where, "train_config.student.max_steps", f"must be at most teacher_steps ({student['teacher_steps']}): "
+             f"the student's noise levels are points of the teacher's grid, got {student['max_steps']}")
 
 
 # ------------------------------------------------------------------------------------- the rest of config.json
@@ -378,9 +394,11 @@ def check_files(files: Any, where: Any) -> None:
             fail(where, "files", f"names {len(names)} files for {kind} ({show(names)}); a bundle holds one")
 
 
-def check_models(models: Any, files: dict, dynamics: DynamicsConfig, where: Any) -> None:
+def check_models(models: Any, files: dict, config: TrainConfig, where: Any) -> None:
     """`models` maps each trained model kind to its training summary; every listed model needs its file's
-    sha256, and the dynamics summary's elites must be distinct members of the ensemble."""
+    sha256, the dynamics summary's elites must be distinct members of the ensemble, and a student needs the
+    diffusion model and the sha256 of the teacher it was distilled from (which `load_bundle` compares)."""
+    dynamics = config.dynamics
     if not isinstance(models, dict):
         fail(where, "models", f"must be a JSON object mapping model kinds to training summaries, got {show(models)}")
     unknown = sorted(set(models) - set(MODEL_FILES))
@@ -397,6 +415,16 @@ def check_models(models: Any, files: dict, dynamics: DynamicsConfig, where: Any)
                                    and len(set(elites)) == len(elites)):
         fail(where, "models.dynamics.elites", f"must list {dynamics.num_elites} distinct members in "
              f"[0, {dynamics.ensemble_size}) (train_config.dynamics num_elites and ensemble_size), got {show(elites)}")
+    if "student" in models:
+        if "diffusion" not in models:
+            fail(where, "models.student", "needs the diffusion model it was distilled from, which the bundle lacks")
+        teacher = models["student"].get("teacher_sha256")
+        if not (isinstance(teacher, str) and SHA256.fullmatch(teacher)):
+            fail(where, "models.student.teacher_sha256", f"must be the sha256 of the teacher's weight file (64 "
+                 f"lowercase hex digits), got {show(teacher)}")
+    if config.sampler.kind == "student" and "student" not in models:
+        fail(where, "train_config.sampler.kind", "is 'student' but the bundle has no student",
+             "distil one with `dydiff-env train distill --bundle DIR` or choose another sampler kind")
 
 
 def validate_config(meta: Any, where: Any) -> None:
@@ -412,7 +440,7 @@ def validate_config(meta: Any, where: Any) -> None:
     check_normalization(meta["normalization"], meta["obs_dim"], meta["act_dim"], where)
     check_train_config(meta["train_config"], where)
     check_files(meta["files"], where)
-    check_models(meta["models"], meta["files"], TrainConfig.from_dict(meta["train_config"]).dynamics, where)
+    check_models(meta["models"], meta["files"], TrainConfig.from_dict(meta["train_config"]), where)
 
 
 # ------------------------------------------------------------------------------------------------- tensors

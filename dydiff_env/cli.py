@@ -5,6 +5,7 @@ generate datasets of DyDiff rollouts.
     dydiff-env train all --dataset dydiff/hopper/medium-v1 --out runs/hopper-medium --preset cpu
     dydiff-env train all ... --resume                 # continue after an interruption
     torchrun --nproc_per_node=4 -m dydiff_env.cli train all ...   # data-parallel, effective batch 4x
+    dydiff-env train distill --bundle runs/hopper-medium   # a few-step student of its diffusion model
     dydiff-env info runs/hopper-medium                # what a bundle holds, with its holdout errors
     dydiff-env generate --bundle runs/hopper-medium --policy bc --starts 100000 --out dydiff/hopper/generated-v0
     dydiff-env behaviour train --steps 300000 --out runs/sac-hopper
@@ -196,7 +197,9 @@ def cmd_train(args) -> int:
         config.checkpoint_every_s = args.checkpoint_every
     if args.diffusion_steps is not None:
         config.diffusion.train_steps = args.diffusion_steps
-    data = load_dataset(args.dataset)
+    if args.model == "distill":
+        return cmd_distill(args, config)
+    data = load_dataset(args.dataset or DEFAULT_DATASET_ID)
     kinds = list(MODEL_KINDS) if args.model == "all" else [args.model]
     try:  # under torchrun: data-parallel, rank 0 writes and prints
         summaries = train_models(kinds, data, args.out, config, device=args.device, resume=args.resume,
@@ -208,6 +211,21 @@ def cmd_train(args) -> int:
         return 0
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "teacher_forced_state_error"}
                       for k, v in summaries.items()}, indent=1))
+    return 0
+
+
+def cmd_distill(args, config) -> int:
+    """`train distill`: the bundle's student, on the bundle's own dataset unless --dataset names another."""
+    from .bundle import recorded_dataset_id
+    from .data import load_dataset
+    from .training import distill_student
+
+    config.student.seed = args.seed
+    if args.distill_steps is not None:
+        config.student.train_steps = args.distill_steps
+    data = load_dataset(args.dataset or recorded_dataset_id(args.out) or DEFAULT_DATASET_ID)
+    summaries = distill_student(args.out, data, config, device=args.device, resume=args.resume)
+    print(json.dumps(summaries, indent=1))
     return 0
 
 
@@ -320,10 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train bundle models on a Minari dataset")
-    p.add_argument("model", choices=["all", "diffusion", "dynamics", "reward", "bc"],
-                   help="which model to train: all four (a complete bundle) or one of them")
-    p.add_argument("--dataset", default=DEFAULT_DATASET_ID, help=f"Minari dataset id (default {DEFAULT_DATASET_ID})")
-    p.add_argument("--out", required=True, help="bundle directory")
+    p.add_argument("model", choices=["all", "diffusion", "dynamics", "reward", "bc", "distill"],
+                   help="which model to train: all four (a complete bundle) or one of them; distill: a few-step "
+                        "student of the bundle's diffusion model (docs/samplers.md)")
+    p.add_argument("--dataset", default=None,
+                   help=f"Minari dataset id (default {DEFAULT_DATASET_ID}; for distill, the bundle's dataset)")
+    p.add_argument("--out", "--bundle", dest="out", required=True, help="bundle directory (--bundle is the same)")
     p.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "paper"],
                    help="model sizes and training budgets: paper (the reference implementation's), cpu (scaled "
                         "down for CPUs, default), tiny (for tests)")
@@ -338,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=non_negative_float, default=None,
                    help="seconds between checkpoints (default: the preset's)")
     p.add_argument("--diffusion-steps", type=non_negative_int, default=None, help="override the preset's diffusion steps")
+    p.add_argument("--distill-steps", type=non_negative_int, default=None,
+                   help="override the preset's student training steps (train distill)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help="summarise a bundle")

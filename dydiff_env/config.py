@@ -6,6 +6,7 @@ reference-method); `PRESETS` scale them down for CPUs (`cpu`) and for tests (`ti
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -28,7 +29,7 @@ class DiffusionConfig:
     eval_every: int = 2_000
 
 
-SAMPLER_KINDS = ("heun", "dpmpp_2m", "euler")
+SAMPLER_KINDS = ("heun", "dpmpp_2m", "euler", "student")
 
 
 @dataclass
@@ -39,7 +40,9 @@ class SamplerConfig:
         denoiser calls for N steps; with s_churn=0 it is the deterministic Heun sampler (Algorithm 1).
         "dpmpp_2m" - DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095), a deterministic second-order multistep
         solver of the data-prediction ODE, N calls. "euler" - the deterministic Euler ODE step, N calls (DIAMOND's
-        world model samples with 3). The churn settings (s_*) apply to "heun" only.
+        world model samples with 3). "student" - the bundle's distilled few-step student (`DistillConfig`,
+        `dydiff-env train distill`), N calls for N in [1, its max_steps], on the student's own noise levels (the
+        sigma fields here do not apply). The churn settings (s_*) apply to "heun" only.
     """
 
     num_steps: int = 34
@@ -62,6 +65,56 @@ class SamplerConfig:
     def calls_per_sample(self) -> int:
         """Denoiser calls per sample (per DyDiff iteration)."""
         return 2 * self.num_steps - 1 if self.kind == "heun" else self.num_steps
+
+
+TEACHER_KINDS = ("euler", "dpmpp_2m", "heun")  # deterministic ODE solvers ("heun" without churn)
+
+
+@dataclass
+class DistillConfig:
+    """Distillation of the bundle's diffusion model into a few-step student (`training.distill_student`).
+
+    The teacher is the diffusion model sampled with the deterministic ODE solver `teacher_kind` in
+    `teacher_steps` steps on the Karras noise levels (sigma_min, sigma_max, rho); the student samples in K
+    calls, 1 <= K <= max_steps, at the teacher's noise levels `student_sigma_indices(K)`. num_windows dataset
+    windows (conditions as in diffusion training) are sampled by the teacher in chunks of teacher_batch;
+    then train_steps of batch_size regress the student onto the teacher's final samples.
+    """
+
+    teacher_kind: str = "euler"
+    teacher_steps: int = 12
+    max_steps: int = 4
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    num_windows: int = 16_384
+    teacher_batch: int = 256
+    train_steps: int = 20_000
+    batch_size: int = 64
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    eval_every: int = 500
+    holdout_windows: int = 64  # teacher samples of holdout windows on which the student's gap is measured
+    seed: int = 0
+
+    def teacher_sampler(self) -> "SamplerConfig":
+        return SamplerConfig(num_steps=self.teacher_steps, kind=self.teacher_kind, sigma_min=self.sigma_min,
+                             sigma_max=self.sigma_max, rho=self.rho, s_churn=0.0)
+
+    def student_sigma_indices(self, num_steps: int) -> list[int]:
+        """The teacher grid indices at which a K-step student is called: round(i * N / K), i = 0..K-1, so the
+        calls spread over the teacher's trajectory as evenly as its grid allows (index 0 is sigma_max)."""
+        if not 1 <= num_steps <= self.max_steps:
+            raise ValueError(f"a student distilled with max_steps={self.max_steps} samples in 1 to {self.max_steps} "
+                             f"steps, got num_steps={num_steps}; choose one in that range or distil again with a "
+                             "larger max_steps")
+        return [math.floor(i * self.teacher_steps / num_steps + 0.5) for i in range(num_steps)]
+
+    def training_indices(self) -> list[int]:
+        """The teacher grid indices the student learns from: those of every K = 1..max_steps."""
+        return sorted({i for k in range(1, self.max_steps + 1) for i in self.student_sigma_indices(k)})
 
 
 @dataclass
@@ -169,6 +222,7 @@ class TrainConfig:
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
     reward: MLPConfig = field(default_factory=MLPConfig)
     bc: MLPConfig = field(default_factory=MLPConfig)
+    student: DistillConfig = field(default_factory=DistillConfig)  # `dydiff-env train distill`
     seed: int = 0
     checkpoint_every_s: float = 60.0  # an interrupted run loses at most this much work
 
@@ -187,7 +241,7 @@ class TrainConfig:
             return klass(**kwargs)
 
         sub = {"diffusion": DiffusionConfig, "sampler": SamplerConfig, "dynamics": DynamicsConfig,
-               "reward": MLPConfig, "bc": MLPConfig}
+               "reward": MLPConfig, "bc": MLPConfig, "student": DistillConfig}
         kwargs = {k: build(sub[k], v) if k in sub else v for k, v in d.items()}
         return cls(**kwargs)
 
@@ -199,6 +253,8 @@ ARCHITECTURE_FIELDS = {
     "dynamics": ("ensemble_size", "num_elites", "hidden"),
     "reward": ("hidden",),
     "bc": ("hidden",),
+    # the student has the diffusion model's architecture; a new distillation simply replaces it
+    "student": (),
 }
 
 
@@ -238,6 +294,9 @@ def _preset_cpu() -> TrainConfig:
         dynamics=DynamicsConfig(lr=1e-3, max_epochs=400, patience=8, steps_per_epoch=250),
         reward=MLPConfig(max_epochs=20, patience=4, steps_per_epoch=300),
         bc=MLPConfig(max_epochs=20, patience=4, steps_per_epoch=300),
+        # within 30 minutes on 2 cores for the shipped bundle (docs/samplers.md): teacher samples of 8192
+        # windows, then student steps
+        student=DistillConfig(num_windows=8192, train_steps=6_000, batch_size=64, lr=1e-4, eval_every=500),
     )
 
 
@@ -251,6 +310,8 @@ def _preset_tiny() -> TrainConfig:
                                 lr=1e-3, max_epochs=4, patience=2, steps_per_epoch=10, batch_size=64),
         reward=MLPConfig(hidden=(32, 32), max_epochs=4, patience=2, steps_per_epoch=10, batch_size=64),
         bc=MLPConfig(hidden=(32, 32), max_epochs=4, patience=2, steps_per_epoch=10, batch_size=64),
+        student=DistillConfig(teacher_steps=4, max_steps=2, num_windows=48, teacher_batch=16, train_steps=6,
+                              batch_size=8, lr=1e-3, warmup_steps=2, eval_every=3, holdout_windows=8),
         checkpoint_every_s=0.0,
     )
 

@@ -219,6 +219,8 @@ class DydiffEnv(gym.vector.VectorEnv):
         if cfg.plans != "never" and cfg.num_iterations > 0:
             cfg.refine.check_horizon(self.horizon)  # at construction, not at the first plan
         self.sampler = cfg.sampler or self.bundle.config.sampler
+        if cfg.plans != "never" and cfg.num_iterations > 0 and self.sampler.kind == "student":
+            self.bundle.student_sigmas(self.sampler.num_steps)  # a student that can take num_steps, checked now
         self.pool_size = cfg.pool_size or max(self.num_envs, 16)
         self.max_episode_steps = cfg.max_episode_steps
         self._obs_dtype = self.single_observation_space.dtype

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .config import FilterConfig, RefineConfig, SamplerConfig
-from .models import edm_sample
+from .models import edm_sample, student_sample
 
 Policy = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 
@@ -164,6 +164,8 @@ def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy,
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     if num_iterations > 0:
         refine.check_horizon(horizon)
+        if sampler.kind == "student":  # now, before the single-step rollouts: no student, or too many steps
+            bundle.student_sigmas(sampler.num_steps)
 
     chunks = [_rollout_chunk(bundle, part, policy, horizon, num_iterations, sampler, generator, dynamics_mode, window,
                              refine, first_row=i * chunk_size)
@@ -171,6 +173,16 @@ def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy,
     result = RolloutResult(*(torch.cat([getattr(c, f) for c in chunks]) for f in RolloutResult.__dataclass_fields__))
     result.kept = filter_trajectories(result.returns, filter, generator)
     return result
+
+
+def sample_windows(bundle, cond_values: torch.Tensor, cond_mask: torch.Tensor, sampler: SamplerConfig,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Diffusion windows given the conditions (unit scale): the bundle's distilled student for sampler kind
+    "student" (`BundleError` naming the fix when the bundle has none), else its diffusion model."""
+    if sampler.kind == "student":
+        sigmas = bundle.student_sigmas(sampler.num_steps)  # checks the student first
+        return student_sample(bundle.student.denoise, cond_values, cond_mask, sigmas, generator)
+    return edm_sample(bundle.diffusion.denoise, cond_values, cond_mask, sampler, generator)
 
 
 def elite_spread(means: torch.Tensor, obs_var: torch.Tensor) -> torch.Tensor:
@@ -245,7 +257,7 @@ def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generat
         cond_mask[: anchor + 1, :obs_dim] = True
     for iteration in range(num_iterations):
         cond = norm.to_unit(torch.cat([states, actions], -1))
-        sample = edm_sample(bundle.diffusion.denoise, cond, cond_mask, sampler, generator)
+        sample = sample_windows(bundle, cond, cond_mask, sampler, generator)
         sampled_states = norm.from_unit(sample)[..., :obs_dim]
         if iteration == 0:  # the weights, from the first sample against the single-step states
             gap = (probe_distance(sampled_states, states, obs_var, anchor + 1, refine.probe_steps)

@@ -37,9 +37,9 @@ from tqdm.auto import tqdm
 from . import bundle as bundle_io
 from . import distributed
 from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import DiffusionConfig, DynamicsConfig, MLPConfig, TrainConfig, architecture
+from .config import DiffusionConfig, DistillConfig, DynamicsConfig, MLPConfig, TrainConfig, architecture
 from .data import Normalizer, OfflineData, TrajectoryWindows
-from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion, edm_sample
+from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion, edm_sample, edm_sigma_steps, student_sample
 from .writers import remove_stale_temporaries, write_atomically
 
 MODEL_KINDS = ("dynamics", "reward", "bc", "diffusion")
@@ -393,6 +393,17 @@ def diffusion_normalizer(data: OfflineData) -> Normalizer:
     return Normalizer.fit(np.concatenate([data.observations, data.actions], 1))
 
 
+def diffusion_windows(data: OfflineData, cfg: DiffusionConfig, seed: int) -> tuple[TrajectoryWindows, TrajectoryWindows]:
+    """The diffusion model's (training, holdout) windows: whole episodes held out, split with the training
+    run's `seed` (the bundle's train_config.seed), so that the student's distillation sees the same split."""
+    train_rows, hold_rows = data.split_episodes(cfg.holdout_fraction, seed + 3)
+    train_windows = TrajectoryWindows(data, cfg.horizon, cfg.min_valid_rows, rows=train_rows)
+    hold_windows = TrajectoryWindows(data, cfg.horizon, cfg.min_valid_rows, rows=hold_rows)
+    if len(train_windows) == 0:
+        raise ValueError(f"no training windows of horizon {cfg.horizon}: the dataset's episodes are too short")
+    return train_windows, hold_windows
+
+
 @torch.no_grad()
 def teacher_forced_error(model: TrajectoryDiffusion, windows: TrajectoryWindows, norm: Normalizer, obs_std: np.ndarray,
                          sampler, count: int, generator: torch.Generator, device) -> np.ndarray:
@@ -414,11 +425,7 @@ def train_diffusion(data: OfflineData, cfg: DiffusionConfig, sampler, ctx: RunCo
     norm = diffusion_normalizer(data)
     model = TrajectoryDiffusion(data.obs_dim, data.act_dim, cfg.horizon, cfg.channels, cfg.kernel_size, cfg.sigma_data).to(dev)
     ema = copy.deepcopy(model).requires_grad_(False)
-    train_rows, hold_rows = data.split_episodes(cfg.holdout_fraction, ctx.seed + 3)
-    train_windows = TrajectoryWindows(data, cfg.horizon, cfg.min_valid_rows, rows=train_rows)
-    hold_windows = TrajectoryWindows(data, cfg.horizon, cfg.min_valid_rows, rows=hold_rows)
-    if len(train_windows) == 0:
-        raise ValueError(f"no training windows of horizon {cfg.horizon}: the dataset's episodes are too short")
+    train_windows, hold_windows = diffusion_windows(data, cfg, ctx.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
     generator, rng = rank_streams(ctx.seed)
@@ -641,3 +648,223 @@ def recorded_config(kind: str, config: TrainConfig, summary: dict) -> TrainConfi
     if kind != "diffusion":
         return config
     return replace(config, diffusion=replace(config.diffusion, train_steps=summary["steps"]))
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+# The few-step student (`dydiff-env train distill`). Method: knowledge distillation of the teacher's
+# deterministic ODE sampler (Luhman & Luhman 2021, "Knowledge Distillation in Iterative Generative Models for
+# Improved Sampling Speed", arXiv 2101.02388): the student maps a point of a teacher trajectory straight to
+# the teacher's final sample. Here the points are taken at several noise levels, so that the student is also
+# a multistep sampler as in consistency models (Song et al. 2023, arXiv 2303.01469, Algorithm 1; see
+# `models.student_sample`). Why this method: one pass of teacher sampling gives exact regression targets, there
+# is no bootstrapped target network to tune, and it fits a 30-minute CPU budget; progressive distillation
+# needs log2(N) rounds of training, and consistency distillation converges slowly on a CPU.
+
+# the DistillConfig fields that decide the student's training pairs; a checkpoint made with other values
+# (or of another teacher) cannot be resumed
+DISTILL_DATA_FIELDS = ("teacher_kind", "teacher_steps", "max_steps", "sigma_min", "sigma_max", "rho", "num_windows",
+                       "teacher_batch", "holdout_windows", "seed")
+
+
+@dataclass
+class TeacherPairs:
+    """Teacher trajectories of a set of windows, all in unit scale with the conditions imposed.
+
+    points (L, N, H, D): x at the teacher grid indices `DistillConfig.training_indices()` (L of them);
+    target (N, H, D): the teacher's final sample; free (N, H, D) bool: the entries that carry loss (not
+    conditioned, real rows)."""
+
+    points: torch.Tensor
+    target: torch.Tensor
+    free: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.target.shape[0]
+
+
+@torch.no_grad()
+def teacher_pairs(teacher: TrajectoryDiffusion, windows: TrajectoryWindows, norm: Normalizer, distill: DistillConfig,
+                  index: np.ndarray, seed: int, device, progress: bool = False, desc: str = "teacher") -> TeacherPairs:
+    """Sample the windows `index` with the teacher in chunks of `distill.teacher_batch`, each chunk seeded
+    from (seed, chunk), so the same arguments give the same pairs (a resumed run regenerates them)."""
+    sampler, levels = distill.teacher_sampler(), distill.training_indices()
+    cond_mask = teacher.condition_mask(device=device)
+    points, targets, frees = [], [], []
+    bar = tqdm(total=len(index), desc=desc, unit="window", disable=not progress)
+    for chunk, start in enumerate(range(0, len(index), distill.teacher_batch)):
+        x, valid = windows.get(index[start: start + distill.teacher_batch])
+        trajectory = []
+        sample = edm_sample(teacher.denoise, _tensor(norm.to_unit(x), device), cond_mask, sampler,
+                            torch.Generator().manual_seed(seed * 1_000_003 + chunk), trajectory)
+        points.append(torch.stack([trajectory[i] for i in levels]))
+        targets.append(sample)
+        frees.append((~cond_mask)[None] & torch.as_tensor(valid, device=device)[:, :, None])
+        bar.update(len(x))
+    bar.close()
+    return TeacherPairs(torch.cat(points, 1), torch.cat(targets), torch.cat(frees))
+
+
+def distillation_loss(student: TrajectoryDiffusion, points: torch.Tensor, sigmas: torch.Tensor, target: torch.Tensor,
+                      free: torch.Tensor) -> torch.Tensor:
+    """Mean square error of the student's one-call estimate D(x_sigma; sigma) against the teacher's final
+    sample, over the free entries only (conditioned entries are given, padded rows are no data)."""
+    error = (student.denoise(points, sigmas) - target).pow(2)
+    return (error * free).sum() / free.sum().clamp_min(1)
+
+
+def sample_gap(sample: torch.Tensor, pairs: TeacherPairs) -> float:
+    """RMS distance (unit scale, free entries) between samples and the teacher's samples of the same windows."""
+    mse = ((sample - pairs.target).pow(2) * pairs.free).sum() / pairs.free.sum().clamp_min(1)
+    return float(mse.sqrt())
+
+
+@torch.no_grad()
+def student_gap(student: TrajectoryDiffusion, pairs: TeacherPairs, distill: DistillConfig, seed: int) -> dict[str, float]:
+    """`sample_gap` of the student's K-step samples for every K = 1..max_steps: how well the student stands
+    in for its teacher. The samples start from other noise than the teacher's, so the floor is the teacher's
+    own spread (`teacher_spread`)."""
+    grid = edm_sigma_steps(distill.teacher_sampler())
+    cond_mask = student.condition_mask(device=pairs.target.device)
+    gaps = {}
+    for k in range(1, distill.max_steps + 1):
+        sigmas = [float(grid[i]) for i in distill.student_sigma_indices(k)]
+        sample = student_sample(student.denoise, pairs.target, cond_mask, sigmas, torch.Generator().manual_seed(seed))
+        gaps[f"gap_k{k}"] = sample_gap(sample, pairs)
+    return gaps
+
+
+@torch.no_grad()
+def teacher_spread(teacher: TrajectoryDiffusion, pairs: TeacherPairs, distill: DistillConfig, seed: int) -> float:
+    """`sample_gap` of the teacher's samples of the same windows from other noise: the floor of the student's gap."""
+    sample = edm_sample(teacher.denoise, pairs.target, teacher.condition_mask(device=pairs.target.device),
+                        distill.teacher_sampler(), torch.Generator().manual_seed(seed))
+    return sample_gap(sample, pairs)
+
+
+def train_student(teacher: TrajectoryDiffusion, data: OfflineData, diffusion: DiffusionConfig, split_seed: int,
+                  norm: Normalizer, distill: DistillConfig, teacher_digest: str, ctx: RunContext,
+                  metrics: MetricsLog) -> tuple[TrajectoryDiffusion, dict]:
+    """Distil `teacher` (see the section comment) into a student of its architecture, initialised from its
+    weights; returns the student's EMA weights and a summary.
+
+    The training pairs are not stored in the checkpoint (hundreds of MB for the cpu preset); a resumed run
+    regenerates them from the seed, bit-identical, which costs the teacher sampling time again."""
+    dev = ctx.device
+    train_windows, hold_windows = diffusion_windows(data, diffusion, split_seed)
+    hold_source = hold_windows if len(hold_windows) else train_windows
+    student = copy.deepcopy(teacher).float().train().requires_grad_(True)
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(student.parameters(), lr=distill.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(distill.warmup_steps, 1)))
+    generator, rng = rank_streams(distill.seed)
+    step = 0
+    model_architecture = {"teacher_sha256": teacher_digest, **architecture(diffusion, "diffusion"),
+                          **{name: getattr(distill, name) for name in DISTILL_DATA_FIELDS}}
+    state = load_resume_state("student", student, ("model", "ema", "optimizer", "scheduler", "step", "rng"),
+                              model_architecture, ctx)
+    if state is not None:
+        student.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        restore_streams(state["rng"], generator, rng, distill.seed, step)
+    metrics.forget_after("student", step)
+
+    def save():
+        save_checkpoint(ctx.checkpoint_path("student"), {
+            "model": student.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(generator, rng),
+            "train_seconds": ctx.train_seconds(), "architecture": model_architecture})
+        if ctx.on_checkpoint:
+            ctx.on_checkpoint("student")
+
+    # the pairs come from their own seeded streams, not from the training streams, so they are the same on resume
+    pair_rng = np.random.default_rng(distill.seed)
+    pairs = teacher_pairs(teacher, train_windows, norm, distill, pair_rng.integers(0, len(train_windows),
+                          size=distill.num_windows), distill.seed, dev, ctx.progress, "teacher samples")
+    hold_index = np.linspace(0, len(hold_source) - 1, num=min(distill.holdout_windows, len(hold_source))).astype(int)
+    hold_pairs = teacher_pairs(teacher, hold_source, norm, distill, hold_index, distill.seed + 1, dev)
+    grid = edm_sigma_steps(distill.teacher_sampler())
+    level_sigmas = torch.tensor([float(grid[i]) for i in distill.training_indices()], dtype=torch.float32, device=dev)
+    floor = teacher_spread(teacher, hold_pairs, distill, distill.seed + 2)
+    if step == 0:  # the teacher's weights as a few-step sampler: what distillation starts from
+        metrics.log("student", 0, teacher_spread=floor, **student_gap(ema, hold_pairs, distill, distill.seed))
+
+    last_save = time.monotonic()
+    bar = tqdm(total=distill.train_steps, initial=step, desc="distil student", unit="step", disable=not ctx.progress)
+    running = []
+    while step < distill.train_steps:
+        student.train()
+        pick = torch.as_tensor(rng.integers(0, len(pairs), size=distill.batch_size), device=dev)
+        # levels drawn uniformly: each is the input of some K-step sampler (not tuned)
+        level = torch.as_tensor(rng.integers(0, len(level_sigmas), size=distill.batch_size), device=dev)
+        loss = distillation_loss(student, pairs.points[level, pick], level_sigmas[level], pairs.target[pick],
+                                 pairs.free[pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), distill.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():  # EMA with a warm-up, as the diffusion model's
+            decay = min(distill.ema_decay, (1 + step) / (10 + step))
+            for p_ema, p in zip(ema.parameters(), student.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+            for b_ema, b in zip(ema.buffers(), student.buffers()):
+                b_ema.copy_(b)
+        step += 1
+        running.append(loss.item())
+        bar.update(1)
+        if step % distill.eval_every == 0 or step == distill.train_steps:
+            gaps = student_gap(ema, hold_pairs, distill, distill.seed)
+            metrics.log("student", step, train_loss=float(np.mean(running)), lr=scheduler.get_last_lr()[0], **gaps)
+            bar.set_postfix(loss=f"{np.mean(running):.4f}", **{k: f"{v:.4f}" for k, v in gaps.items()})
+            running = []
+        if time.monotonic() - last_save >= ctx.checkpoint_every_s:
+            save()
+            last_save = time.monotonic()
+    bar.close()
+    save()
+    summary = {"steps": step, "teacher_sha256": teacher_digest, "teacher_sampler": f"{distill.teacher_kind} "
+               f"{distill.teacher_steps}", "max_steps": distill.max_steps, "pairs": len(pairs),
+               **student_gap(ema, hold_pairs, distill, distill.seed), "teacher_spread": floor}
+    return ema, summary
+
+
+def distill_student(out_dir: str | os.PathLike, data: OfflineData, config: TrainConfig,
+                    device: str | torch.device = "cpu", resume: bool = False, progress: bool = True,
+                    on_checkpoint: Callable[[str], None] | None = None) -> dict:
+    """Distil the diffusion model of the bundle `out_dir` into a few-step student (`config.student`) and commit
+    it into the bundle as `student.safetensors`; what `dydiff-env train distill --bundle DIR` runs.
+
+    `data` must be the bundle's dataset (the writer checks its hash). Holds the bundle's lock for the whole
+    run, checkpoints every `config.checkpoint_every_s` seconds, and `resume=True` continues from the checkpoint
+    (or skips a student the bundle holds intact, of its current teacher). One process (no torchrun).
+    Returns {"student": summary}, or {} when there was nothing to do."""
+    if distributed.world_size() > 1:
+        raise ValueError("distillation runs in one process; start it without torchrun")
+    out = Path(out_dir)
+    bundle_io.recorded_dataset_id(out)  # a bundle must be there: refuse before the writer would start a new one
+    ctx = RunContext(out, torch.device(device), config.student.seed, resume, config.checkpoint_every_s, progress,
+                     on_checkpoint)
+    with bundle_io.BundleWriter(out, data, config) as writer:
+        if not writer.has_intact_model("diffusion"):
+            raise bundle_io.BundleError(f"bundle {out} has no intact diffusion model to distil; train it first with "
+                                        f"`dydiff-env train diffusion --dataset {data.dataset_id} --out {out}`")
+        teacher_digest = bundle_io.teacher_sha256(writer.meta)
+        stale = writer.meta["models"].get("student", {}).get("teacher_sha256") not in (None, teacher_digest)
+        todo = start_bundle_run(writer, ["student"], config, replace(ctx, resume=resume and not stale))
+        if not todo:
+            return {}
+        teacher = bundle_io.load_bundle(out, device=device, without=tuple(k for k in bundle_io.MODEL_FILES
+                                                                          if k != "diffusion"))
+        metrics = MetricsLog(out / "metrics.csv")
+        model, summary = train_student(teacher.diffusion, data, teacher.config.diffusion, teacher.config.seed,
+                                       teacher.normalizer("transition"), config.student, teacher_digest, ctx, metrics)
+        metrics.drop_duplicates()
+        summary["train_seconds"] = round(ctx.train_seconds(), 1)
+        writer.add_model("student", model, summary, config)
+        print(f"[train] student: done in {summary['train_seconds']} s; gap to the teacher per K "
+              f"{[round(summary[f'gap_k{k}'], 4) for k in range(1, config.student.max_steps + 1)]} (the teacher's own "
+              f"spread: {summary['teacher_spread']:.4f})")
+    return {"student": summary}

@@ -22,7 +22,7 @@ from dydiff_env import cli, data
 from dydiff_env.bundle import MODEL_FILES, BundleError, export_bundle, load_bundle
 from dydiff_env.bundle_schema import files_by_kind
 from dydiff_env.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dydiff_env.training import MetricsLog, RunContext, train_models
+from dydiff_env.training import MODEL_KINDS, MetricsLog, RunContext, train_models
 from dydiff_env.writers import LockedError, StaleLockWarning, WriterLock
 
 from conftest import TINY_DATASET_ID
@@ -302,7 +302,7 @@ def test_export_refuses_its_source_and_commits_over_an_existing_bundle(tiny_bund
     dst = tmp_path / "exported"
     export_bundle(tiny_bundle_copy, dst)
     first = read_config(dst)["files"]
-    assert sorted(first) == sorted([*MODEL_FILES.values(), "start_states.safetensors"])
+    assert sorted(first) == sorted([*(MODEL_FILES[kind] for kind in MODEL_KINDS), "start_states.safetensors"])
     export_bundle(tiny_bundle_copy, dst, half=False)  # over the first export: new names, one commit
     second = read_config(dst)["files"]
     assert not set(first) & set(second) and sorted(p.name for p in dst.glob("*.safetensors")) == sorted(second)

@@ -169,14 +169,20 @@ def edm_sigma_steps(config: SamplerConfig, device=None) -> torch.Tensor:
 
 @torch.no_grad()
 def edm_sample(denoise, cond_values: torch.Tensor, cond_mask: torch.Tensor, config: SamplerConfig = SamplerConfig(),
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, trajectory: list | None = None) -> torch.Tensor:
     """Sample with inpainting: `config.kind` picks the solver (see `SamplerConfig`).
 
     denoise(x, sigma) -> x0 estimate; cond_values (B, H, D) holds the given entries (others ignored),
     cond_mask (H, D) or (B, H, D) marks them. Every solver keeps the conditioned entries clean, as training
     does, and re-imposes them after every update, so they come out equal to cond_values exactly. Noise comes
-    from `generator` (on the CPU, so results do not depend on the device).
+    from `generator` (on the CPU, so results do not depend on the device). `trajectory`, when a list, gets x
+    at every noise level of `edm_sigma_steps(config)` (num_steps + 1 tensors, the last one the sample): the
+    regression targets of the distilled student (deterministic solvers only, so that the points lie on one
+    ODE trajectory).
     """
+    if config.kind == "student":
+        raise ValueError("sampler kind 'student' samples with a bundle's distilled student, not with this model: "
+                         "pass it to dydiff_rollout (or call student_sample with the bundle's student)")
     device, dtype = cond_values.device, cond_values.dtype
 
     def randn():
@@ -188,18 +194,23 @@ def edm_sample(denoise, cond_values: torch.Tensor, cond_mask: torch.Tensor, conf
     def denoised(x, sigma: float):
         return denoise(x, torch.tensor(sigma, dtype=dtype, device=device))
 
+    record = trajectory.append if trajectory is not None else (lambda x: None)
     sigmas = [float(s) for s in edm_sigma_steps(config, device)]
     x = impose(randn() * sigmas[0])
+    record(x)
     if config.kind == "dpmpp_2m":
-        return _dpmpp_2m(x, sigmas, denoised, impose)
+        return _dpmpp_2m(x, sigmas, denoised, impose, record)
     if config.kind == "euler":
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
             x = impose(x + (sigma_next - sigma) * (x - denoised(x, sigma)) / sigma)
+            record(x)
         return x
-    return _stochastic_heun(x, sigmas, denoised, impose, randn, config)
+    if trajectory is not None and config.s_churn > 0:
+        raise ValueError("a trajectory is recorded only for deterministic solvers; use s_churn=0 with kind 'heun'")
+    return _stochastic_heun(x, sigmas, denoised, impose, randn, config, record)
 
 
-def _stochastic_heun(x, sigmas, denoised, impose, randn, config: SamplerConfig) -> torch.Tensor:
+def _stochastic_heun(x, sigmas, denoised, impose, randn, config: SamplerConfig, record) -> torch.Tensor:
     """EDM Algorithm 2: churn (raise the noise level of the free entries), Euler step, Heun correction."""
     gamma_max = min(config.s_churn / config.num_steps, math.sqrt(2.0) - 1.0)
     for i in range(config.num_steps):
@@ -214,10 +225,11 @@ def _stochastic_heun(x, sigmas, denoised, impose, randn, config: SamplerConfig) 
             slope_next = (x_next - denoised(x_next, sigma_next)) / sigma_next
             x_next = impose(x + (sigma_next - sigma_hat) * 0.5 * (slope + slope_next))
         x = x_next
+        record(x)
     return x
 
 
-def _dpmpp_2m(x, sigmas, denoised, impose) -> torch.Tensor:
+def _dpmpp_2m(x, sigmas, denoised, impose, record) -> torch.Tensor:
     """DPM-Solver++(2M) in EDM's parameterisation (x = data + sigma * noise, log-SNR time t = -log sigma):
     each step moves x exactly along the linear part of the ODE and integrates the data prediction with a
     second-order multistep correction from the previous step's prediction."""
@@ -225,12 +237,42 @@ def _dpmpp_2m(x, sigmas, denoised, impose) -> torch.Tensor:
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = denoised(x, sigma)
         if sigma_next == 0:  # the last step lands on the data prediction
-            return impose(x0)
+            x = impose(x0)
+            record(x)
+            return x
         h = math.log(sigma) - math.log(sigma_next)
         estimate = x0
         if previous is not None:
             ratio = previous[1] / h
             estimate = (1 + 1 / (2 * ratio)) * x0 - (1 / (2 * ratio)) * previous[0]
         x = impose((sigma_next / sigma) * x - math.expm1(-h) * estimate)
+        record(x)
         previous = (x0, h)
     return x
+
+
+@torch.no_grad()
+def student_sample(denoise, cond_values: torch.Tensor, cond_mask: torch.Tensor, sigmas: list[float],
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Few-step sampling with a distilled student (consistency models' multistep sampler, Song et al. 2023,
+    arXiv 2303.01469, Algorithm 1), with inpainting.
+
+    sigmas: the student's noise levels, highest first (`DistillConfig.student_sigma_indices` on the teacher's
+    grid); one denoiser call each. The student maps x at sigma_i straight to the teacher's final sample; before
+    the next call its estimate is noised afresh to sigma_{i+1}. Conditions are imposed after every update
+    (bit-exact), noise comes from `generator` on the CPU as in `edm_sample`.
+    """
+    device, dtype = cond_values.device, cond_values.dtype
+
+    def randn():
+        return torch.randn(cond_values.shape, generator=generator, dtype=dtype).to(device)
+
+    def impose(x):
+        return torch.where(cond_mask, cond_values, x)
+
+    x = impose(randn() * sigmas[0])
+    for i, sigma in enumerate(sigmas):
+        estimate = impose(denoise(x, torch.tensor(sigma, dtype=dtype, device=device)))
+        if i < len(sigmas) - 1:
+            x = impose(estimate + sigmas[i + 1] * randn())
+    return estimate
