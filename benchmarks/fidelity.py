@@ -88,7 +88,7 @@ from benchmarks import fidelity_video  # noqa: E402
 from benchmarks.fidelity_metrics import (crossover_horizon, return_error, state_error_curve,  # noqa: E402
                                          termination_agreement, trajectory_length)
 from dydiff_env.bundle import Bundle, check_dataset_matches, load_bundle  # noqa: E402
-from dydiff_env.config import RefineConfig, SamplerConfig  # noqa: E402
+from dydiff_env.config import SAMPLER_KINDS, RefineConfig, SamplerConfig  # noqa: E402
 from dydiff_env.data import DEFAULT_DATASET_ID, OfflineData, load_dataset  # noqa: E402
 from dydiff_env.env import DydiffEnv, shipped_bundle_path  # noqa: E402
 from dydiff_env.policies import as_policy  # noqa: E402
@@ -723,8 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--sampler-steps", type=int, default=None,
                    help=f"EDM sampler steps (default: the bundle's; --quick {QUICK['sampler_steps']})")
-    p.add_argument("--sampler-kind", default=None, choices=("heun", "dpmpp_2m", "euler"),
-                   help="diffusion sampler (default: the bundle's; see dydiff_env.SamplerConfig)")
+    p.add_argument("--sampler-kind", default=None, choices=SAMPLER_KINDS,
+                   help="diffusion sampler (default: the bundle's; see dydiff_env.SamplerConfig; student: the "
+                        "bundle's distilled student, with --sampler-steps K of its noise levels)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (default all)")
     p.add_argument("--dynamics-mode", default="elite_mean", choices=("elite_mean", "mean", "sample"),
                    help="single-step ensemble prediction mode (default elite_mean, as dydiff_rollout)")

@@ -167,6 +167,19 @@ def edm_sigma_steps(config: SamplerConfig, device=None) -> torch.Tensor:
     return torch.cat([steps, torch.zeros(1, dtype=torch.float64)]).to(device)
 
 
+def noise_and_conditions(cond_values: torch.Tensor, cond_mask: torch.Tensor, generator: torch.Generator | None):
+    """The two things every sampler needs: fresh noise shaped like the window (drawn on the CPU from `generator`, so
+    results do not depend on the device) and a function writing the given entries back into a window."""
+
+    def randn():
+        return torch.randn(cond_values.shape, generator=generator, dtype=cond_values.dtype).to(cond_values.device)
+
+    def impose(x):
+        return torch.where(cond_mask, cond_values, x)
+
+    return randn, impose
+
+
 @torch.no_grad()
 def edm_sample(denoise, cond_values: torch.Tensor, cond_mask: torch.Tensor, config: SamplerConfig = SamplerConfig(),
                generator: torch.Generator | None = None, trajectory: list | None = None) -> torch.Tensor:
@@ -184,12 +197,7 @@ def edm_sample(denoise, cond_values: torch.Tensor, cond_mask: torch.Tensor, conf
         raise ValueError("sampler kind 'student' samples with a bundle's distilled student, not with this model: "
                          "pass it to dydiff_rollout (or call student_sample with the bundle's student)")
     device, dtype = cond_values.device, cond_values.dtype
-
-    def randn():
-        return torch.randn(cond_values.shape, generator=generator, dtype=dtype).to(device)
-
-    def impose(x):
-        return torch.where(cond_mask, cond_values, x)
+    randn, impose = noise_and_conditions(cond_values, cond_mask, generator)
 
     def denoised(x, sigma: float):
         return denoise(x, torch.tensor(sigma, dtype=dtype, device=device))
@@ -263,13 +271,7 @@ def student_sample(denoise, cond_values: torch.Tensor, cond_mask: torch.Tensor, 
     (bit-exact), noise comes from `generator` on the CPU as in `edm_sample`.
     """
     device, dtype = cond_values.device, cond_values.dtype
-
-    def randn():
-        return torch.randn(cond_values.shape, generator=generator, dtype=dtype).to(device)
-
-    def impose(x):
-        return torch.where(cond_mask, cond_values, x)
-
+    randn, impose = noise_and_conditions(cond_values, cond_mask, generator)
     x = impose(randn() * sigmas[0])
     for i, sigma in enumerate(sigmas):
         estimate = impose(denoise(x, torch.tensor(sigma, dtype=dtype, device=device)))
