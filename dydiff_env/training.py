@@ -419,6 +419,49 @@ def teacher_forced_error(model: TrajectoryDiffusion, windows: TrajectoryWindows,
     return np.nanmean(err, axis=(0, 2))
 
 
+@dataclass
+class EmaRun:
+    """What a run of an EMA-averaged model (the diffusion model, the distilled student) checkpoints and resumes."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    rng: np.random.Generator
+
+
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, ema_decay: float, step: int) -> None:
+    """One EMA step, with a warm-up so the early weights are not frozen in."""
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            p_ema.lerp_(p, 1 - decay)
+        for b_ema, b in zip(ema.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+def ema_run_state(run: EmaRun, step: int, ctx: RunContext, model_architecture: dict) -> dict:
+    """The checkpoint of an EMA run at `step`."""
+    return {"model": run.model.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "step": step, "rng": rng_state(run.generator, run.rng),
+            "train_seconds": ctx.train_seconds(), "architecture": model_architecture}
+
+
+def resume_ema_run(name: str, run: EmaRun, model_architecture: dict, ctx: RunContext, seed: int) -> int:
+    """Restore an EMA run from its checkpoint (when resuming and one fits); the step to continue from."""
+    state = load_resume_state(name, run.model, ("model", "ema", "optimizer", "scheduler", "step", "rng"),
+                              model_architecture, ctx)
+    if state is None:
+        return 0
+    run.model.load_state_dict(state["model"])
+    run.ema.load_state_dict(state["ema"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    restore_streams(state["rng"], run.generator, run.rng, seed, state["step"])
+    return state["step"]
+
+
 def train_diffusion(data: OfflineData, cfg: DiffusionConfig, sampler, ctx: RunContext, metrics: MetricsLog,
                     error_windows: int = 64) -> tuple[TrajectoryDiffusion, dict]:
     dev = ctx.device
@@ -429,28 +472,17 @@ def train_diffusion(data: OfflineData, cfg: DiffusionConfig, sampler, ctx: RunCo
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
     generator, rng = rank_streams(ctx.seed)
-    step = 0
     ckpt = ctx.checkpoint_path("diffusion")
     model_architecture = architecture(cfg, "diffusion")
-    state = load_resume_state("diffusion", model, ("model", "ema", "optimizer", "scheduler", "step", "rng"),
-                              model_architecture, ctx)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        restore_streams(state["rng"], generator, rng, ctx.seed, step)
+    run = EmaRun(model, ema, optimizer, scheduler, generator, rng)
+    step = resume_ema_run("diffusion", run, model_architecture, ctx, ctx.seed)
     distributed.broadcast_parameters(model)
     distributed.broadcast_parameters(ema)
     metrics.forget_after("diffusion", step)
 
     def save():
         if distributed.is_leader():
-            save_checkpoint(ckpt, {"model": model.state_dict(), "ema": ema.state_dict(),
-                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "step": step, "rng": rng_state(generator, rng),
-                                   "train_seconds": ctx.train_seconds(), "architecture": model_architecture})
+            save_checkpoint(ckpt, ema_run_state(run, step, ctx, model_architecture))
         distributed.barrier()
         if ctx.on_checkpoint:
             ctx.on_checkpoint("diffusion")
@@ -478,12 +510,7 @@ def train_diffusion(data: OfflineData, cfg: DiffusionConfig, sampler, ctx: RunCo
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
-        with torch.no_grad():  # EMA with a warm-up so early weights are not frozen in
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-            for b_ema, b in zip(ema.buffers(), model.buffers()):
-                b_ema.copy_(b)
+        update_ema(ema, model, cfg.ema_decay, step)
         step += 1
         running.append(loss.item())
         bar.update(1)
@@ -757,25 +784,14 @@ def train_student(teacher: TrajectoryDiffusion, data: OfflineData, diffusion: Di
     optimizer = torch.optim.Adam(student.parameters(), lr=distill.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(distill.warmup_steps, 1)))
     generator, rng = rank_streams(distill.seed)
-    step = 0
     model_architecture = {"teacher_sha256": teacher_digest, **architecture(diffusion, "diffusion"),
                           **{name: getattr(distill, name) for name in DISTILL_DATA_FIELDS}}
-    state = load_resume_state("student", student, ("model", "ema", "optimizer", "scheduler", "step", "rng"),
-                              model_architecture, ctx)
-    if state is not None:
-        student.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        restore_streams(state["rng"], generator, rng, distill.seed, step)
+    run = EmaRun(student, ema, optimizer, scheduler, generator, rng)
+    step = resume_ema_run("student", run, model_architecture, ctx, distill.seed)
     metrics.forget_after("student", step)
 
     def save():
-        save_checkpoint(ctx.checkpoint_path("student"), {
-            "model": student.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(generator, rng),
-            "train_seconds": ctx.train_seconds(), "architecture": model_architecture})
+        save_checkpoint(ctx.checkpoint_path("student"), ema_run_state(run, step, ctx, model_architecture))
         if ctx.on_checkpoint:
             ctx.on_checkpoint("student")
 
@@ -806,12 +822,7 @@ def train_student(teacher: TrajectoryDiffusion, data: OfflineData, diffusion: Di
         torch.nn.utils.clip_grad_norm_(student.parameters(), distill.grad_clip)
         optimizer.step()
         scheduler.step()
-        with torch.no_grad():  # EMA with a warm-up, as the diffusion model's
-            decay = min(distill.ema_decay, (1 + step) / (10 + step))
-            for p_ema, p in zip(ema.parameters(), student.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-            for b_ema, b in zip(ema.buffers(), student.buffers()):
-                b_ema.copy_(b)
+        update_ema(ema, student, distill.ema_decay, step)
         step += 1
         running.append(loss.item())
         bar.update(1)
