@@ -107,3 +107,13 @@ def test_every_task_has_collect_presets_that_write_replayable_datasets():
         data = load_dataset(f"test/{task}/presets-v0")
         assert data.env_id == get_task(task).env_id and len(data) >= 60
         assert data.qpos is not None and data.qvel is not None
+
+
+def test_the_hopper_bundle_ships_a_student_that_samples():
+    import gymnasium
+
+    env = gymnasium.make("Dydiff-hopper-v0", sampler={"kind": "student", "num_steps": 2}, pool_size=2)
+    env.reset(seed=0)
+    obs, reward, *_ = env.step(env.action_space.sample())
+    assert np.isfinite(obs).all() and np.isfinite(reward)
+    assert load_bundle(shipped_bundle_path("hopper")).student is not None
