@@ -51,9 +51,19 @@ from pathlib import Path
 
 import numpy as np
 
+from dydiff_env.config import SAMPLER_KINDS
 from dydiff_env.tasks import TASKS
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "throughput.json"
+
+
+def env_sampler_label(kind: str, steps: int) -> str:
+    return f"{kind} {steps}-step"
+
+
+def env_sampler_of(meta: dict) -> str:
+    """The env's sampler as a run recorded it (runs before --env-sampler-kind recorded only the steps)."""
+    return meta.get("env_sampler") or f"{meta.get('env_sampler_steps', meta['sampler_steps'])}-step"
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -240,7 +250,7 @@ def markdown(results: dict) -> str:
                      f"{_fmt(r['kept_per_s'])} | {r['generated_per_s'] / real_best:.3g} | {r['peak_mib']} |")
     lines += ["", f"x real: generated/s over the real env's best throughput in this run ({_fmt(real_best)}/s).",
               "", "### DydiffEnv vs the real env (SyncVectorEnv), whole runs", "",
-              f"Plans: M=2, {m.get('env_sampler_steps', m['sampler_steps'])}-step sampler; the policy handle is set "
+              f"Plans: M=2, {env_sampler_of(m)} sampler; the policy handle is set "
               "for every agent. total/s = num_envs x steps / seconds of env calls, reset, autoresets and every "
               "re-plan included.", "",
               "| num_envs | agent | steps | total/s | real total/s | x real | from plans | rollout calls | "
@@ -286,7 +296,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xticks(x, [f"num_envs {n}" for n in sizes])
     ax.set_ylabel("transitions / s (whole run)")
     m = results["meta"]
-    ax.set_title(f"DydiffEnv ({m.get('env_sampler_steps', m['sampler_steps'])}-step sampler) vs "
+    ax.set_title(f"DydiffEnv ({env_sampler_of(m)} sampler) vs "
                  f"{m['env_id']}, {m['threads']} thread(s)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -322,7 +332,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="rollout batch size (default 256; --quick: 8)")
     p.add_argument("--num-envs", type=int, nargs="+", default=None, help="env sizes (default 1 64 256; --quick: 1 4)")
     p.add_argument("--env-sampler-steps", type=int, default=None,
-                   help="EDM sampler steps of the env's plans and re-plans (default: the bundle's)")
+                   help="sampler steps of the env's plans and re-plans (default: the bundle's)")
+    p.add_argument("--env-sampler-kind", default=None, choices=SAMPLER_KINDS,
+                   help="sampler of the env's plans and re-plans (default: the bundle's; student: the bundle's "
+                        "distilled student, with --env-sampler-steps K)")
     p.add_argument("--quick", action="store_true", help="a few seconds: tiny batch, few steps, small env sizes")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0)
@@ -368,9 +381,10 @@ def main(argv=None) -> dict:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "memory_note": "peak_mib: sampled RSS peak above the RSS at the start of the measurement; "
                        "maxrss_delta_mib: growth of getrusage ru_maxrss during it (lower bound)"}}
-    env_sampler = sampler if args.env_sampler_steps is None else dataclasses.replace(
-        sampler, num_steps=args.env_sampler_steps)
+    env_sampler = dataclasses.replace(sampler, kind=args.env_sampler_kind or sampler.kind,
+                                      num_steps=args.env_sampler_steps or sampler.num_steps)
     results["meta"]["env_sampler_steps"] = env_sampler.num_steps
+    results["meta"]["env_sampler"] = env_sampler_label(env_sampler.kind, env_sampler.num_steps)
     results.update(rollout=[], real=[], env=[])
 
     def record(section: str, row: dict) -> None:
