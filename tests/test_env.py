@@ -19,7 +19,7 @@ from gymnasium.vector import AutoresetMode
 import dydiff_env
 from dydiff_env import BundleError, DydiffEnv, FilterConfig, PolicyError, as_policy, dydiff_rollout, load_bundle
 from dydiff_env.rollout import filter_trajectories
-from dydiff_env.env import INFO_KEYS, shipped_bundle_path
+from dydiff_env.env import INFO_KEYS
 
 ENV_ID = "Dydiff-hopper-v0"
 FAST = dict(pool_size=8)  # small pools: a pool generation makes ceil(8 / 0.6) = 14 DyDiff trajectories
@@ -568,13 +568,6 @@ def test_bundle_for_another_env(tiny_bundle, bundle):
         DydiffEnv(bundle=tiny_bundle, task="walker2d")
     with pytest.raises(BundleError, match="Walker2d-v5"):
         DydiffEnv(bundle=bundle, task="walker2d")
-
-
-def test_missing_shipped_bundle():
-    if (shipped_bundle_path("walker2d") / "config.json").is_file():
-        pytest.skip("a walker2d bundle ships with this installation")
-    with pytest.raises(BundleError, match="dydiff-env train"):
-        gym.make("Dydiff-walker2d-v0")
 
 
 def test_never_emits_nan(tiny_bundle, monkeypatch):

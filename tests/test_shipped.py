@@ -55,6 +55,7 @@ def test_make_without_a_shipped_bundle_gives_advice_that_works(task, tmp_path, m
         gymnasium.make(dydiff_env.ENV_IDS[task])
     advice = str(failure.value)
     assert f"dydiff-env collect {task}-medium" in advice and get_task(task).dataset_id("medium") in advice
+    assert "dydiff-env train all" in advice
 
 
 @pytest.mark.parametrize("name", ["medium", "replay-1", "replay-2", "replay-3", "expert"])
