@@ -200,12 +200,14 @@ def timed_run(env, agent: Agent, steps: int, seed: int) -> dict:
             "episodes_ended": episodes}
 
 
-def bench_env(bundle, num_envs: int, agent_kind: str, steps: int, seed: int = 0, sampler=None) -> dict:
+def bench_env(bundle, num_envs: int, agent_kind: str, steps: int, seed: int = 0, sampler=None,
+              num_iterations: int | None = None) -> dict:
     from dydiff_env import DydiffEnv
 
     actor = behaviour_actor(bundle, seed)
     with PeakMemory() as mem:
-        env = DydiffEnv(num_envs, bundle=bundle, task=bundle.task.name, sampler=sampler)
+        iterations = {} if num_iterations is None else {"num_iterations": num_iterations}
+        env = DydiffEnv(num_envs, bundle=bundle, task=bundle.task.name, sampler=sampler, **iterations)
         env.set_policy(lambda obs: actor.act(obs, deterministic=True))  # every agent's env has the handle set
         row = timed_run(env, Agent(agent_kind, num_envs, bundle.act_dim, actor, seed), steps, seed)
         stats = dict(env.stats)
@@ -250,7 +252,7 @@ def markdown(results: dict) -> str:
                      f"{_fmt(r['kept_per_s'])} | {r['generated_per_s'] / real_best:.3g} | {r['peak_mib']} |")
     lines += ["", f"x real: generated/s over the real env's best throughput in this run ({_fmt(real_best)}/s).",
               "", "### DydiffEnv vs the real env (SyncVectorEnv), whole runs", "",
-              f"Plans: M=2, {env_sampler_of(m)} sampler; the policy handle is set "
+              f"Plans: M={m.get('env_iterations', 2)}, {env_sampler_of(m)} sampler; the policy handle is set "
               "for every agent. total/s = num_envs x steps / seconds of env calls, reset, autoresets and every "
               "re-plan included.", "",
               "| num_envs | agent | steps | total/s | real total/s | x real | from plans | rollout calls | "
@@ -333,6 +335,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-envs", type=int, nargs="+", default=None, help="env sizes (default 1 64 256; --quick: 1 4)")
     p.add_argument("--env-sampler-steps", type=int, default=None,
                    help="sampler steps of the env's plans and re-plans (default: the bundle's)")
+    p.add_argument("--env-iterations", type=int, default=None,
+                   help="DyDiff iterations M of the env's plans (default: the env's, 2)")
     p.add_argument("--env-sampler-kind", default=None, choices=SAMPLER_KINDS,
                    help="sampler of the env's plans and re-plans (default: the bundle's; student: the bundle's "
                         "distilled student, with --env-sampler-steps K)")
@@ -348,6 +352,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--threads, --steps, --plan-steps, --batch and --num-envs must be positive")
     if args.env_sampler_steps is not None and args.env_sampler_steps < 1:
         p.error("--env-sampler-steps must be positive")
+    if args.env_iterations is not None and args.env_iterations < 0:
+        p.error("--env-iterations must be >= 0")
     return args
 
 
@@ -356,7 +362,7 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from dydiff_env import load_bundle, shipped_bundle_path
+    from dydiff_env import EnvConfig, load_bundle, shipped_bundle_path
 
     bundle_path = Path(args.bundle) if args.bundle else shipped_bundle_path(args.task)
     if args.bundle is None and not (bundle_path / "config.json").is_file():
@@ -385,6 +391,7 @@ def main(argv=None) -> dict:
                                       num_steps=args.env_sampler_steps or sampler.num_steps)
     results["meta"]["env_sampler_steps"] = env_sampler.num_steps
     results["meta"]["env_sampler"] = env_sampler_label(env_sampler.kind, env_sampler.num_steps)
+    results["meta"]["env_iterations"] = args.env_iterations if args.env_iterations is not None else EnvConfig.num_iterations
     results.update(rollout=[], real=[], env=[])
 
     def record(section: str, row: dict) -> None:
@@ -408,7 +415,7 @@ def main(argv=None) -> dict:
     for n in args.num_envs:
         for agent in AGENTS:
             steps = plan_steps if agent == "handle" else args.steps
-            record("env", bench_env(bundle, n, agent, steps, args.seed, env_sampler))
+            record("env", bench_env(bundle, n, agent, steps, args.seed, env_sampler, args.env_iterations))
     results["meta"]["wall_s"] = time.perf_counter() - t_start
 
     print(markdown(results))
