@@ -65,6 +65,7 @@ rows. This leaves out the last H states of every episode (in particular states j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -370,6 +371,14 @@ def build_policy(spec: str, bundle: Bundle, data: OfflineData | None, steps: int
 # --------------------------------------------------------------------------------------------------- runner
 
 
+def model_precision(autocast: str | None):
+    """The context the methods run in: float32 (None), or CPU autocast to bfloat16 ("bf16"; the learning policy's
+    calls on model states run under it too, the simulator's truth does not)."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
 def _generator(seed: int, method: str) -> torch.Generator:
     index = METHODS.index(method) if method in METHODS else zlib.crc32(method.encode()) % 1_000_000 + len(METHODS)
     return torch.Generator().manual_seed(seed * 1_000_003 + index + 1)
@@ -539,7 +548,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                    "bundle_dataset_hash": bundle.meta.get("dataset_hash"), "policy": args.policy,
                    "policy_info": setup.policy_info, "num_starts": int(len(rows)), "eligible_starts": setup.eligible,
                    "horizon": horizon, "window": setup.window, "seed": args.seed, "sampler_steps": sampler.num_steps,
-                   "sampler_kind": sampler.kind, "dynamics_mode": args.dynamics_mode, "filter": "none",
+                   "sampler_kind": sampler.kind, "autocast": getattr(args, "autocast", None), "dynamics_mode": args.dynamics_mode, "filter": "none",
                    "methods": setup.methods, "quick": args.quick, "threads": torch.get_num_threads(),
                    "obs_std": std.tolist()},
         "starts": {"rows": rows.tolist()},
@@ -550,8 +559,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
         truth = setup.truths[regime]
         action_fn, step_act, plan_policy = setup.regime_inputs[regime]
         regime_methods = [m for m in setup.methods if regime in REGIMES[:2] or m != "behaviour-prior"]
-        per_method = evaluate_methods(bundle, setup.start_obs, truth, regime, regime_methods, action_fn, step_act,
-                                      plan_policy, horizon, sampler, args.seed, args.dynamics_mode, shared, log)
+        with model_precision(getattr(args, "autocast", None)):
+            per_method = evaluate_methods(bundle, setup.start_obs, truth, regime, regime_methods, action_fn, step_act,
+                                          plan_policy, horizon, sampler, args.seed, args.dynamics_mode, shared, log)
         curves = {m: {k: np.asarray(v, np.float64) for k, v in r["state_error"].items()} for m, r in per_method.items()}
         crossover = {m: crossover_horizon(curves[m], curves["ensemble"]) for m in per_method
                      if m.startswith("dydiff-") and "ensemble" in curves}
@@ -727,6 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion sampler (default: the bundle's; see dydiff_env.SamplerConfig; student: the "
                         "bundle's distilled student, with --sampler-steps K of its noise levels)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (default all)")
+    p.add_argument("--autocast", default=None, choices=("bf16",),
+                   help="run the models under CPU autocast to bfloat16 (default: float32; see benchmarks/constant_factors.py)")
     p.add_argument("--dynamics-mode", default="elite_mean", choices=("elite_mean", "mean", "sample"),
                    help="single-step ensemble prediction mode (default elite_mean, as dydiff_rollout)")
     p.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT}, for another task than "
