@@ -51,14 +51,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dydiff_env.config import SAMPLER_KINDS
+from dydiff_env.config import SAMPLER_KINDS, EnvConfig
 from dydiff_env.tasks import TASKS
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "throughput.json"
-
-
-def env_sampler_label(kind: str, steps: int) -> str:
-    return f"{kind} {steps}-step"
 
 
 def env_sampler_of(meta: dict) -> str:
@@ -201,13 +197,12 @@ def timed_run(env, agent: Agent, steps: int, seed: int) -> dict:
 
 
 def bench_env(bundle, num_envs: int, agent_kind: str, steps: int, seed: int = 0, sampler=None,
-              num_iterations: int | None = None) -> dict:
+              num_iterations: int = EnvConfig.num_iterations) -> dict:
     from dydiff_env import DydiffEnv
 
     actor = behaviour_actor(bundle, seed)
     with PeakMemory() as mem:
-        iterations = {} if num_iterations is None else {"num_iterations": num_iterations}
-        env = DydiffEnv(num_envs, bundle=bundle, task=bundle.task.name, sampler=sampler, **iterations)
+        env = DydiffEnv(num_envs, bundle=bundle, task=bundle.task.name, sampler=sampler, num_iterations=num_iterations)
         env.set_policy(lambda obs: actor.act(obs, deterministic=True))  # every agent's env has the handle set
         row = timed_run(env, Agent(agent_kind, num_envs, bundle.act_dim, actor, seed), steps, seed)
         stats = dict(env.stats)
@@ -335,8 +330,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-envs", type=int, nargs="+", default=None, help="env sizes (default 1 64 256; --quick: 1 4)")
     p.add_argument("--env-sampler-steps", type=int, default=None,
                    help="sampler steps of the env's plans and re-plans (default: the bundle's)")
-    p.add_argument("--env-iterations", type=int, default=None,
-                   help="DyDiff iterations M of the env's plans (default: the env's, 2)")
+    p.add_argument("--env-iterations", type=int, default=EnvConfig.num_iterations,
+                   help=f"DyDiff iterations M of the env's plans (default: the env's, {EnvConfig.num_iterations})")
     p.add_argument("--env-sampler-kind", default=None, choices=SAMPLER_KINDS,
                    help="sampler of the env's plans and re-plans (default: the bundle's; student: the bundle's "
                         "distilled student, with --env-sampler-steps K)")
@@ -352,7 +347,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--threads, --steps, --plan-steps, --batch and --num-envs must be positive")
     if args.env_sampler_steps is not None and args.env_sampler_steps < 1:
         p.error("--env-sampler-steps must be positive")
-    if args.env_iterations is not None and args.env_iterations < 0:
+    if args.env_iterations < 0:
         p.error("--env-iterations must be >= 0")
     return args
 
@@ -362,7 +357,7 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from dydiff_env import EnvConfig, load_bundle, shipped_bundle_path
+    from dydiff_env import load_bundle, shipped_bundle_path
 
     bundle_path = Path(args.bundle) if args.bundle else shipped_bundle_path(args.task)
     if args.bundle is None and not (bundle_path / "config.json").is_file():
@@ -390,8 +385,8 @@ def main(argv=None) -> dict:
     env_sampler = dataclasses.replace(sampler, kind=args.env_sampler_kind or sampler.kind,
                                       num_steps=args.env_sampler_steps or sampler.num_steps)
     results["meta"]["env_sampler_steps"] = env_sampler.num_steps
-    results["meta"]["env_sampler"] = env_sampler_label(env_sampler.kind, env_sampler.num_steps)
-    results["meta"]["env_iterations"] = args.env_iterations if args.env_iterations is not None else EnvConfig.num_iterations
+    results["meta"]["env_sampler"] = f"{env_sampler.kind} {env_sampler.num_steps}-step"
+    results["meta"]["env_iterations"] = args.env_iterations
     results.update(rollout=[], real=[], env=[])
 
     def record(section: str, row: dict) -> None:

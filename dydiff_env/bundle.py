@@ -44,7 +44,7 @@ from .bundle_schema import (FORMAT_VERSION, MODEL_FILES, START_STATES_FILE, Bund
                             plain_file_name, tagged_file_name, validate_config)
 from .config import START_STATE_MODES, TrainConfig, architecture_changes, describe_architecture_changes
 from .data import DEFAULT_DATASET_ID, Normalizer, OfflineData, software_versions, versions_of
-from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion, edm_sigma_steps
+from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion, grid_sigmas
 from .tasks import Task, get_task, preset_for_dataset
 from .writers import WriterLock, remove_stale_temporaries, write_atomically
 
@@ -311,8 +311,7 @@ class Bundle:
             indices = distill.student_sigma_indices(num_steps)
         except ValueError as err:
             raise BundleError(f"bundle {self.path}: {err}") from err
-        grid = edm_sigma_steps(distill.teacher_sampler())
-        return [float(grid[i]) for i in indices]
+        return grid_sigmas(distill.teacher_sampler(), indices)
 
     def sample_start_obs(self, count: int, rng: np.random.Generator, mode: str = "any") -> torch.Tensor:
         """`count` stored dataset observations. The stored sample holds every episode start plus a uniform

@@ -39,7 +39,8 @@ from . import distributed
 from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import DiffusionConfig, DistillConfig, DynamicsConfig, MLPConfig, TrainConfig, architecture
 from .data import Normalizer, OfflineData, TrajectoryWindows
-from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion, edm_sample, edm_sigma_steps, student_sample
+from .models import (BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion, edm_sample, grid_sigmas,
+                     student_sample)
 from .writers import remove_stale_temporaries, write_atomically
 
 MODEL_KINDS = ("dynamics", "reward", "bc", "diffusion")
@@ -750,11 +751,10 @@ def student_gap(student: TrajectoryDiffusion, pairs: TeacherPairs, distill: Dist
     """`sample_gap` of the student's K-step samples for every K = 1..max_steps: how well the student stands
     in for its teacher. The samples start from other noise than the teacher's, so the floor is the teacher's
     own spread (`teacher_spread`)."""
-    grid = edm_sigma_steps(distill.teacher_sampler())
     cond_mask = student.condition_mask(device=pairs.target.device)
     gaps = {}
     for k in range(1, distill.max_steps + 1):
-        sigmas = [float(grid[i]) for i in distill.student_sigma_indices(k)]
+        sigmas = grid_sigmas(distill.teacher_sampler(), distill.student_sigma_indices(k))
         sample = student_sample(student.denoise, pairs.target, cond_mask, sigmas, torch.Generator().manual_seed(seed))
         gaps[f"gap_k{k}"] = sample_gap(sample, pairs)
     return gaps
@@ -801,8 +801,8 @@ def train_student(teacher: TrajectoryDiffusion, data: OfflineData, diffusion: Di
                           size=distill.num_windows), distill.seed, dev, ctx.progress, "teacher samples")
     hold_index = np.linspace(0, len(hold_source) - 1, num=min(distill.holdout_windows, len(hold_source))).astype(int)
     hold_pairs = teacher_pairs(teacher, hold_source, norm, distill, hold_index, distill.seed + 1, dev)
-    grid = edm_sigma_steps(distill.teacher_sampler())
-    level_sigmas = torch.tensor([float(grid[i]) for i in distill.training_indices()], dtype=torch.float32, device=dev)
+    level_sigmas = torch.tensor(grid_sigmas(distill.teacher_sampler(), distill.training_indices()),
+                                dtype=torch.float32, device=dev)
     floor = teacher_spread(teacher, hold_pairs, distill, distill.seed + 2)
     if step == 0:  # the teacher's weights as a few-step sampler: what distillation starts from
         metrics.log("student", 0, teacher_spread=floor, **student_gap(ema, hold_pairs, distill, distill.seed))

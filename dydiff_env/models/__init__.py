@@ -1,9 +1,9 @@
 """The learned models of a bundle: trajectory diffusion, single-step dynamics ensemble, reward, behaviour cloning."""
 
 from .bc import BCPolicy
-from .diffusion import TrajectoryDiffusion, TemporalUNet, edm_sample, edm_sigma_steps, student_sample
+from .diffusion import TrajectoryDiffusion, TemporalUNet, edm_sample, edm_sigma_steps, grid_sigmas, student_sample
 from .dynamics import DynamicsEnsemble
 from .reward import RewardModel
 
 __all__ = ["BCPolicy", "DynamicsEnsemble", "RewardModel", "TemporalUNet", "TrajectoryDiffusion", "edm_sample", "edm_sigma_steps",
-           "student_sample"]
+           "grid_sigmas", "student_sample"]

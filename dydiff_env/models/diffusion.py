@@ -180,6 +180,13 @@ def noise_and_conditions(cond_values: torch.Tensor, cond_mask: torch.Tensor, gen
     return randn, impose
 
 
+def grid_sigmas(config: SamplerConfig, indices: list[int]) -> list[float]:
+    """The noise levels of `config`'s grid (`edm_sigma_steps`) at `indices`: where a distilled student is called
+    or trained on its teacher's grid."""
+    grid = edm_sigma_steps(config)
+    return [float(grid[i]) for i in indices]
+
+
 @torch.no_grad()
 def edm_sample(denoise, cond_values: torch.Tensor, cond_mask: torch.Tensor, config: SamplerConfig = SamplerConfig(),
                generator: torch.Generator | None = None, trajectory: list | None = None) -> torch.Tensor:
