@@ -65,7 +65,6 @@ rows. This leaves out the last H states of every episode (in particular states j
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib
 import json
@@ -89,7 +88,7 @@ from benchmarks import fidelity_video  # noqa: E402
 from benchmarks.fidelity_metrics import (crossover_horizon, return_error, state_error_curve,  # noqa: E402
                                          termination_agreement, trajectory_length)
 from dydiff_env.bundle import Bundle, check_dataset_matches, load_bundle  # noqa: E402
-from dydiff_env.config import SAMPLER_KINDS, RefineConfig, SamplerConfig  # noqa: E402
+from dydiff_env.config import PRECISIONS, SAMPLER_KINDS, RefineConfig, SamplerConfig  # noqa: E402
 from dydiff_env.data import DEFAULT_DATASET_ID, OfflineData, load_dataset  # noqa: E402
 from dydiff_env.env import DydiffEnv, shipped_bundle_path  # noqa: E402
 from dydiff_env.policies import as_policy  # noqa: E402
@@ -265,10 +264,11 @@ def simulate(env_id: str, qpos: np.ndarray, qvel: np.ndarray,
 
 def fidelity_env(bundle: Bundle, num_envs: int, sampler: SamplerConfig, dynamics_mode: str, num_iterations: int,
                  **render) -> DydiffEnv:
-    """The `env` method's DydiffEnv: default plans, no filter, no time limit (`render`: render_mode, width...)."""
+    """The `env` method's DydiffEnv: default plans, no filter, no time limit, the bundle's precision (`render`:
+    render_mode, width...)."""
     return DydiffEnv(num_envs=num_envs, bundle=bundle, num_iterations=num_iterations, sampler=sampler, filter="none",
                      pool_size=min(num_envs, 16), max_episode_steps=None, rollout_dynamics=dynamics_mode,
-                     model_dynamics=dynamics_mode, **render)
+                     model_dynamics=dynamics_mode, precision=bundle.precision, **render)
 
 
 def env_rollout(bundle: Bundle, start_obs: np.ndarray, act: Callable[[int, np.ndarray], np.ndarray],
@@ -371,14 +371,6 @@ def build_policy(spec: str, bundle: Bundle, data: OfflineData | None, steps: int
 # --------------------------------------------------------------------------------------------------- runner
 
 
-def model_precision(autocast: str | None):
-    """The context the methods run in: float32 (None), or CPU autocast to bfloat16 ("bf16"; the learning policy's
-    calls on model states run under it too, the simulator's truth does not)."""
-    if autocast is None:
-        return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=torch.bfloat16)
-
-
 def _generator(seed: int, method: str) -> torch.Generator:
     index = METHODS.index(method) if method in METHODS else zlib.crc32(method.encode()) % 1_000_000 + len(METHODS)
     return torch.Generator().manual_seed(seed * 1_000_003 + index + 1)
@@ -456,7 +448,8 @@ def prepare(args: argparse.Namespace, log=print) -> Setup:
     quick = args.quick
     named_task = getattr(args, "task", None)  # None: the task of --bundle, or hopper
     bundle_path = Path(args.bundle) if args.bundle else shipped_bundle_path(get_task(named_task or "hopper").name)
-    bundle = load_bundle(bundle_path, env_id=named_task and get_task(named_task).env_id, require=("dynamics", "reward"))
+    bundle = load_bundle(bundle_path, env_id=named_task and get_task(named_task).env_id, require=("dynamics", "reward"),
+                         precision=getattr(args, "precision", "float32"))
     task = bundle.task
     dataset_id = args.dataset or task.dataset_id("medium")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
@@ -548,7 +541,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                    "bundle_dataset_hash": bundle.meta.get("dataset_hash"), "policy": args.policy,
                    "policy_info": setup.policy_info, "num_starts": int(len(rows)), "eligible_starts": setup.eligible,
                    "horizon": horizon, "window": setup.window, "seed": args.seed, "sampler_steps": sampler.num_steps,
-                   "sampler_kind": sampler.kind, "autocast": getattr(args, "autocast", None), "dynamics_mode": args.dynamics_mode, "filter": "none",
+                   "sampler_kind": sampler.kind, "precision": bundle.precision, "dynamics_mode": args.dynamics_mode, "filter": "none",
                    "methods": setup.methods, "quick": args.quick, "threads": torch.get_num_threads(),
                    "obs_std": std.tolist()},
         "starts": {"rows": rows.tolist()},
@@ -559,9 +552,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         truth = setup.truths[regime]
         action_fn, step_act, plan_policy = setup.regime_inputs[regime]
         regime_methods = [m for m in setup.methods if regime in REGIMES[:2] or m != "behaviour-prior"]
-        with model_precision(getattr(args, "autocast", None)):
-            per_method = evaluate_methods(bundle, setup.start_obs, truth, regime, regime_methods, action_fn, step_act,
-                                          plan_policy, horizon, sampler, args.seed, args.dynamics_mode, shared, log)
+        per_method = evaluate_methods(bundle, setup.start_obs, truth, regime, regime_methods, action_fn, step_act,
+                                      plan_policy, horizon, sampler, args.seed, args.dynamics_mode, shared, log)
         curves = {m: {k: np.asarray(v, np.float64) for k, v in r["state_error"].items()} for m, r in per_method.items()}
         crossover = {m: crossover_horizon(curves[m], curves["ensemble"]) for m in per_method
                      if m.startswith("dydiff-") and "ensemble" in curves}
@@ -737,8 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion sampler (default: the bundle's; see dydiff_env.SamplerConfig; student: the "
                         "bundle's distilled student, with --sampler-steps K of its noise levels)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (default all)")
-    p.add_argument("--autocast", default=None, choices=("bf16",),
-                   help="run the models under CPU autocast to bfloat16 (default: float32; see benchmarks/constant_factors.py)")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="serving precision of the bundle's networks (Bundle.set_precision; default float32; auto: "
+                        "bfloat16 where the CPU has native bf16)")
     p.add_argument("--dynamics-mode", default="elite_mean", choices=("elite_mean", "mean", "sample"),
                    help="single-step ensemble prediction mode (default elite_mean, as dydiff_rollout)")
     p.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT}, for another task than "

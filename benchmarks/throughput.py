@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dydiff_env.config import SAMPLER_KINDS, EnvConfig
+from dydiff_env.config import PRECISIONS, SAMPLER_KINDS, EnvConfig
 from dydiff_env.tasks import TASKS
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "throughput.json"
@@ -197,18 +197,20 @@ def timed_run(env, agent: Agent, steps: int, seed: int) -> dict:
 
 
 def bench_env(bundle, num_envs: int, agent_kind: str, steps: int, seed: int = 0, sampler=None,
-              num_iterations: int = EnvConfig.num_iterations) -> dict:
+              num_iterations: int = EnvConfig.num_iterations, precision: str = EnvConfig.precision) -> dict:
     from dydiff_env import DydiffEnv
 
     actor = behaviour_actor(bundle, seed)
     with PeakMemory() as mem:
-        env = DydiffEnv(num_envs, bundle=bundle, task=bundle.task.name, sampler=sampler, num_iterations=num_iterations)
+        env = DydiffEnv(num_envs, bundle=bundle, task=bundle.task.name, sampler=sampler, num_iterations=num_iterations,
+                        precision=precision)
         env.set_policy(lambda obs: actor.act(obs, deterministic=True))  # every agent's env has the handle set
         row = timed_run(env, Agent(agent_kind, num_envs, bundle.act_dim, actor, seed), steps, seed)
         stats = dict(env.stats)
         env.close()
     served = stats["plan_steps"] + stats["model_steps"]
     return {"num_envs": num_envs, "agent": agent_kind, "steps": steps, "sampler_steps": env.sampler.num_steps,
+            "precision": bundle.precision,
             **row, "plan_share": stats["plan_steps"] / max(1, served), "stats": stats,
             "peak_mib": mem.peak_mib, "maxrss_delta_mib": mem.maxrss_delta_mib}
 
@@ -247,7 +249,8 @@ def markdown(results: dict) -> str:
                      f"{_fmt(r['kept_per_s'])} | {r['generated_per_s'] / real_best:.3g} | {r['peak_mib']} |")
     lines += ["", f"x real: generated/s over the real env's best throughput in this run ({_fmt(real_best)}/s).",
               "", "### DydiffEnv vs the real env (SyncVectorEnv), whole runs", "",
-              f"Plans: M={m.get('env_iterations', 2)}, {env_sampler_of(m)} sampler; the policy handle is set "
+              f"Plans: M={m.get('env_iterations', 2)}, {env_sampler_of(m)} sampler, precision "
+              f"{m.get('env_precision', 'float32')}; the policy handle is set "
               "for every agent. total/s = num_envs x steps / seconds of env calls, reset, autoresets and every "
               "re-plan included.", "",
               "| num_envs | agent | steps | total/s | real total/s | x real | from plans | rollout calls | "
@@ -335,6 +338,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--env-sampler-kind", default=None, choices=SAMPLER_KINDS,
                    help="sampler of the env's plans and re-plans (default: the bundle's; student: the bundle's "
                         "distilled student, with --env-sampler-steps K)")
+    p.add_argument("--env-precision", default=EnvConfig.precision, choices=PRECISIONS,
+                   help=f"EnvConfig.precision of the env runs (default {EnvConfig.precision}; dydiff_rollout's rows "
+                        "are float32)")
     p.add_argument("--quick", action="store_true", help="a few seconds: tiny batch, few steps, small env sizes")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0)
@@ -387,6 +393,7 @@ def main(argv=None) -> dict:
     results["meta"]["env_sampler_steps"] = env_sampler.num_steps
     results["meta"]["env_sampler"] = f"{env_sampler.kind} {env_sampler.num_steps}-step"
     results["meta"]["env_iterations"] = args.env_iterations
+    results["meta"]["env_precision"] = args.env_precision
     results.update(rollout=[], real=[], env=[])
 
     def record(section: str, row: dict) -> None:
@@ -410,7 +417,8 @@ def main(argv=None) -> dict:
     for n in args.num_envs:
         for agent in AGENTS:
             steps = plan_steps if agent == "handle" else args.steps
-            record("env", bench_env(bundle, n, agent, steps, args.seed, env_sampler, args.env_iterations))
+            record("env", bench_env(bundle, n, agent, steps, args.seed, env_sampler, args.env_iterations,
+                                    args.env_precision))
     results["meta"]["wall_s"] = time.perf_counter() - t_start
 
     print(markdown(results))

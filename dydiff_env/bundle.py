@@ -44,7 +44,7 @@ from .bundle_schema import (FORMAT_VERSION, MODEL_FILES, START_STATES_FILE, Bund
                             plain_file_name, tagged_file_name, validate_config)
 from .config import START_STATE_MODES, TrainConfig, architecture_changes, describe_architecture_changes
 from .data import DEFAULT_DATASET_ID, Normalizer, OfflineData, software_versions, versions_of
-from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion, grid_sigmas
+from .models import BCPolicy, DynamicsEnsemble, RewardModel, TrajectoryDiffusion, grid_sigmas, resolve_precision
 from .tasks import Task, get_task, preset_for_dataset
 from .writers import WriterLock, remove_stale_temporaries, write_atomically
 
@@ -281,6 +281,7 @@ class Bundle:
     student: TrajectoryDiffusion | None = None  # the distilled few-step student of `diffusion`
     start_states: dict[str, np.ndarray] = field(default_factory=dict)
     device: torch.device = torch.device("cpu")
+    precision: str = "float32"  # the simulator networks' serving precision (`set_precision`)
 
     @property
     def obs_dim(self) -> int:
@@ -344,6 +345,17 @@ class Bundle:
             weights = np.ones(len(is_start))
         cdf = (weights / weights.sum()).cumsum()
         return cdf / cdf[-1]
+
+    def set_precision(self, precision: str) -> "Bundle":
+        """Serve the simulator's networks (diffusion, student, dynamics, reward; not the BC policy, which is an
+        agent) in `precision`: "float32", "bfloat16" (autocast) or "auto" (bfloat16 where this bundle's device
+        computes it natively, `models.native_bfloat16`). Never use it for training: it is float32 only."""
+        self.precision = resolve_precision(precision, self.device)
+        for kind in ("diffusion", "student", "dynamics", "reward"):
+            model = getattr(self, kind)
+            if model is not None:
+                model.precision = self.precision
+        return self
 
     def to(self, device: str | torch.device) -> "Bundle":
         self.device = torch.device(device)
@@ -421,10 +433,11 @@ def _start_state_arrays(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarra
 
 
 def load_bundle(path: str | os.PathLike, env_id: str | None = None, device: str | torch.device = "cpu",
-                require: tuple[str, ...] = (), without: tuple[str, ...] = ()) -> Bundle:
+                require: tuple[str, ...] = (), without: tuple[str, ...] = (), precision: str = "float32") -> Bundle:
     """Load and validate a bundle directory. `env_id`, when given, must match the bundle's env. `without`:
     model kinds not to load (their files are neither read nor checked; distillation loads its teacher
-    without the student it replaces).
+    without the student it replaces). `precision`: how the simulator's networks are served
+    (`Bundle.set_precision`).
 
     A student whose recorded teacher sha256 is not the diffusion model's file is refused (it was distilled
     from another diffusion model): distil it again.
@@ -478,6 +491,7 @@ def load_bundle(path: str | os.PathLike, env_id: str | None = None, device: str 
         start_states = _start_state_arrays(tensors)
     bundle = Bundle(path, meta, task, config, start_states=start_states, **models).to(device)
     bundle.require(*require)
+    bundle.set_precision(precision)
     return bundle
 
 
@@ -540,9 +554,12 @@ def show_versions(versions: dict[str, str]) -> str:
     return ", ".join(f"{name} {version}" for name, version in versions.items())
 
 
-def export_bundle(src: str | os.PathLike, dst: str | os.PathLike, half: bool = True) -> Path:
+def export_bundle(src: str | os.PathLike, dst: str | os.PathLike, half: bool = True,
+                  sampler: dict | None = None) -> Path:
     """Copy a bundle without its training checkpoints, optionally storing weights as float16 (half the size;
-    loading converts back to float32). Used to make the bundle shipped inside the package.
+    loading converts back to float32). Used to make the bundle shipped inside the package. `sampler`: fields of
+    `SamplerConfig` that replace the copy's default sampler (`train_config.sampler`, what `dydiff_rollout` and
+    `DydiffEnv` use unless told otherwise), checked like the rest of config.json.
 
     `dst` is written as one commit under its lock (see the module docstring): a bundle already there stays
     loadable until the new config.json replaces its own."""
@@ -550,6 +567,9 @@ def export_bundle(src: str | os.PathLike, dst: str | os.PathLike, half: bool = T
     if same_directory(src, dst):
         raise BundleError(f"export would overwrite its source {src}; pass another destination directory")
     src_b = load_bundle(src)
+    if sampler is not None:  # checked before anything is written: e.g. a student default without a student
+        src_b.meta["train_config"]["sampler"] = {**src_b.meta["train_config"].get("sampler", {}), **sampler}
+        validate_config(src_b.meta, f"export {src} --sampler")
     dst.mkdir(parents=True, exist_ok=True)
     with WriterLock(dst / LOCK_FILE, f"bundle {dst}"):
         remove_stale_temporaries(dst)

@@ -246,7 +246,13 @@ def cmd_info(args) -> int:
 def cmd_export(args) -> int:
     from .bundle import export_bundle
 
-    print(export_bundle(args.src, args.dst, half=not args.float32))
+    sampler = None
+    if args.sampler is not None:
+        kind, _, steps = args.sampler.partition(":")
+        if not steps.isdigit():
+            raise SystemExit(f"--sampler takes kind:steps (e.g. student:2 or heun:34), got {args.sampler!r}")
+        sampler = {"kind": kind, "num_steps": int(steps)}
+    print(export_bundle(args.src, args.dst, half=not args.float32, sampler=sampler))
     return 0
 
 
@@ -370,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="bundle directory to copy")
     p.add_argument("dst", help="new bundle directory")
     p.add_argument("--float32", action="store_true", help="keep float32 weights (default: fp16, half the size)")
+    p.add_argument("--sampler", default=None, metavar="KIND:STEPS",
+                   help="make this the copy's default sampler (train_config.sampler), e.g. student:2 for the "
+                        "distilled student with 2 calls (default: the source's)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("behaviour", help="behaviour policies (SB3 SAC in the real simulator)")

@@ -195,7 +195,7 @@ class DydiffEnv(gym.vector.VectorEnv):
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         check_render_mode(render_mode)
         self.config = cfg = EnvConfig.from_kwargs(config, **overrides)
-        self.bundle = resolve_bundle(bundle, task, cfg.device)
+        self.bundle = resolve_bundle(bundle, task, cfg.device).set_precision(cfg.precision)  # a Bundle passed in too
         self.task = self.bundle.task
         if cfg.plans != "never" and cfg.num_iterations > 0:
             self.bundle.require("diffusion")

@@ -156,6 +156,20 @@ def test_export_keeps_the_student_and_its_teacher(distilled_bundle, tmp_path):
     assert bundle.student is not None and bundle.meta["weights_dtype"] == "float16"
 
 
+def test_export_makes_the_student_the_default_sampler(distilled_bundle, tiny_bundle, tmp_path):
+    assert cli.main(["export", str(distilled_bundle), str(tmp_path / "fast"), "--sampler", "student:2"]) == 0
+    bundle = load_bundle(tmp_path / "fast")
+    assert (bundle.config.sampler.kind, bundle.config.sampler.num_steps) == ("student", 2)
+    env = DydiffEnv(bundle=bundle, plans="always", pool_size=2)  # the env takes the bundle's default
+    assert env.sampler.kind == "student"
+    env.close()
+    with pytest.raises(BundleError, match="has no student"):  # refused before anything is written
+        export_bundle(tiny_bundle, tmp_path / "none", sampler={"kind": "student", "num_steps": 2})
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(SystemExit, match="kind:steps"):
+        cli.main(["export", str(distilled_bundle), str(tmp_path / "bad"), "--sampler", "student"])
+
+
 def test_env_steps_with_the_student(distilled_bundle):
     env = DydiffEnv(bundle=str(distilled_bundle), plans="always", sampler={"kind": "student", "num_steps": 2},
                     pool_size=2)
@@ -225,8 +239,9 @@ def test_cli_train_distill(tiny_bundle_copy, capsys):
 def test_sampler_benchmark_grid_takes_student_entries(distilled_bundle, tiny_bundle):
     from benchmarks.samplers import parse_grid, usable_samplers
 
-    grid = parse_grid("euler:3,student:2", SamplerConfig())
-    assert [s.kind for s in usable_samplers(grid, load_bundle(distilled_bundle))] == ["euler", "student"]
+    grid = parse_grid("euler:3,student:2@bfloat16", SamplerConfig())
+    assert [(s.kind, p) for s, p in usable_samplers(grid, load_bundle(distilled_bundle))] == [
+        ("euler", "float32"), ("student", "bfloat16")]
     said = []
-    assert [s.kind for s in usable_samplers(grid, load_bundle(tiny_bundle), said.append)] == ["euler"]
+    assert [s.kind for s, _ in usable_samplers(grid, load_bundle(tiny_bundle), said.append)] == ["euler"]
     assert "no distilled student" in said[0]

@@ -260,11 +260,11 @@ def test_sampler_benchmark_quick_run(tiny_bundle, tiny_dataset, tmp_path):
 
     out = tmp_path / "samplers"
     results = samplers.main(["--bundle", str(tiny_bundle), "--dataset", TINY_DATASET_ID, "--policy", "bc", "-n", "4",
-                             "--horizon", "5", "--grid", "heun:2:0,dpmpp_2m:2,euler:2", "--batch", "4", "--quick",
-                             "--out", str(out)])
+                             "--horizon", "5", "--grid", "heun:2:0,dpmpp_2m:2,euler:2@bfloat16", "--batch", "4",
+                             "--rules", "paper", "--quick", "--out", str(out)])
     assert [(r["label"], r["iterations"]) for r in results["rows"]] == [
         ("single-step ensemble", 0), ("heun 2 deterministic", 1), ("heun 2 deterministic", 2), ("dpmpp_2m 2", 1),
-        ("dpmpp_2m 2", 2), ("euler 2", 1), ("euler 2", 2)]
+        ("dpmpp_2m 2", 2), ("euler 2, bfloat16", 1), ("euler 2, bfloat16", 2)]
     assert [r["calls"] for r in results["rows"]] == [0, 3, 3, 2, 2, 2, 2]
     for row in results["rows"]:
         assert row["generated_per_s"] > 0
@@ -273,6 +273,20 @@ def test_sampler_benchmark_quick_run(tiny_bundle, tiny_dataset, tmp_path):
             assert len(errors) >= 3 and all(e is not None and e >= 0 for e in errors)
     assert results["meta"]["real_per_s"] > 0
     assert (out / "samplers.png").stat().st_size > 1000 and "| sampler |" in (out / "samplers.md").read_text()
+
+
+def test_sampler_benchmark_rules_and_second_thread_count(tiny_bundle, tiny_dataset, tmp_path):
+    from benchmarks import fidelity, samplers
+    from dydiff_env import RefineConfig
+
+    assert fidelity.parse_method(samplers.RULES["default"].format(m=2)) == (2, RefineConfig())
+    results = samplers.main(["--bundle", str(tiny_bundle), "--dataset", TINY_DATASET_ID, "--policy", "bc", "-n", "4",
+                             "--horizon", "5", "--grid", "euler:2", "--batch", "4", "--also-threads", "2", "--quick",
+                             "--out", str(tmp_path / "samplers")])
+    assert [(r["iterations"], r["rule"]) for r in results["rows"]] == [
+        (0, "-"), (1, "paper"), (2, "paper"), (1, "default"), (2, "default")]
+    assert all(r["generated_per_s_also"] > 0 for r in results["rows"])
+    assert "(2 threads)" in (tmp_path / "samplers" / "samplers.md").read_text()
 
 
 def test_video_shows_mujoco_above_the_env(tiny_bundle, tiny_dataset, tmp_path, gl_renderer):

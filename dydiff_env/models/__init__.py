@@ -3,7 +3,8 @@
 from .bc import BCPolicy
 from .diffusion import TrajectoryDiffusion, TemporalUNet, edm_sample, edm_sigma_steps, grid_sigmas, student_sample
 from .dynamics import DynamicsEnsemble
+from .precision import native_bfloat16, resolve_precision
 from .reward import RewardModel
 
 __all__ = ["BCPolicy", "DynamicsEnsemble", "RewardModel", "TemporalUNet", "TrajectoryDiffusion", "edm_sample", "edm_sigma_steps",
-           "grid_sigmas", "student_sample"]
+           "grid_sigmas", "native_bfloat16", "resolve_precision", "student_sample"]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import SamplerConfig
+from .precision import network_precision
 
 # --------------------------------------------------------------------------------------------- temporal U-Net
 
@@ -112,6 +113,8 @@ class TemporalUNet(nn.Module):
 class TrajectoryDiffusion(nn.Module):
     """EDM preconditioning (Karras et al. 2022, Table 1) around a temporal U-Net."""
 
+    precision = "float32"  # of the U-Net's forward pass when serving (`models.precision`)
+
     def __init__(self, obs_dim: int, act_dim: int, horizon: int, channels: tuple[int, ...] = (64, 128, 256),
                  kernel_size: int = 5, sigma_data: float = 0.5):
         super().__init__()
@@ -136,7 +139,9 @@ class TrajectoryDiffusion(nn.Module):
         c_skip = sd2 / (s ** 2 + sd2)
         c_out = s * self.sigma_data / (s ** 2 + sd2).sqrt()
         c_in = 1.0 / (s ** 2 + sd2).sqrt()
-        return c_skip * x + c_out * self.net(c_in * x, sigma.log() / 4)
+        with network_precision(self.precision, x.device):
+            out = self.net(c_in * x, sigma.log() / 4)
+        return c_skip * x + c_out * out.to(x.dtype)
 
     def loss(self, x0: torch.Tensor, valid: torch.Tensor, p_mean: float = -1.2, p_std: float = 1.2,
              generator: torch.Generator | None = None) -> torch.Tensor:

@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mlp import EnsembleMLP
+from .precision import network_precision
 
 
 class DynamicsEnsemble(nn.Module):
+    precision = "float32"  # of the members' forward pass when serving (`models.precision`)
+
     def __init__(self, obs_dim: int, act_dim: int, ensemble_size: int = 7, num_elites: int = 5,
                  hidden: tuple[int, ...] = (200, 200, 200, 200)):
         super().__init__()
@@ -39,7 +42,9 @@ class DynamicsEnsemble(nn.Module):
         """Per-member mean and log-variance of the z-scored state change: (K, B, obs) each (K: every member, or
         only `members`)."""
         x = (torch.cat([obs, act], -1) - self.in_mean) / self.in_std
-        mean, logvar = self.net(x, members).split(self.obs_dim, -1)
+        with network_precision(self.precision, x.device):
+            out = self.net(x, members)
+        mean, logvar = out.to(x.dtype).split(self.obs_dim, -1)
         max_logvar = self.max_logvar if members is None else self.max_logvar[members]
         min_logvar = self.min_logvar if members is None else self.min_logvar[members]
         logvar = max_logvar - F.softplus(max_logvar - logvar)

@@ -6,9 +6,12 @@ import torch
 from torch import nn
 
 from .mlp import EnsembleMLP
+from .precision import network_precision
 
 
 class RewardModel(nn.Module):
+    precision = "float32"  # of the MLP's forward pass when serving (`models.precision`)
+
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (256, 256)):
         super().__init__()
         self.net = EnsembleMLP(1, obs_dim + act_dim, 1, hidden, nn.ReLU)
@@ -23,7 +26,9 @@ class RewardModel(nn.Module):
 
     def forward_normalized(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         x = (torch.cat([obs, act], -1) - self.in_mean) / self.in_std
-        return self.net(x.reshape(1, -1, x.shape[-1])).reshape(x.shape[:-1])
+        with network_precision(self.precision, x.device):
+            out = self.net(x.reshape(1, -1, x.shape[-1]))
+        return out.to(x.dtype).reshape(x.shape[:-1])
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """Predicted reward for any leading batch shape: (..., obs), (..., act) -> (...)."""
