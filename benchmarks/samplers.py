@@ -113,7 +113,6 @@ def real_speed(env_id: str, num_envs: int = 64, steps: int = 200, seed: int = 0)
 def fidelity_row(setup, sampler: SamplerConfig, iterations: int, seed: int, log, rule: str = "paper") -> dict:
     """State error at 5 horizons and return error in both regimes, for one sampler, M and refinement rule."""
     method = "ensemble" if iterations == 0 else RULES[rule].format(m=iterations)
-    std = np.asarray(setup.bundle.normalizer("obs").std, np.float64)
     cols = sorted({1, max(1, setup.horizon // 4), max(1, setup.horizon // 2), max(1, 3 * setup.horizon // 4),
                    setup.horizon})
     row = {}
