@@ -8,8 +8,8 @@ BC policy, timed `--repeats` times per variant after one warm-up call (the media
 (`torch.no_grad`, float32):
 - `inference_mode`: the call inside `torch.inference_mode()`;
 - `bf16 autocast`: inside `torch.autocast("cpu", dtype=torch.bfloat16)` (everything: denoiser, ensemble, policy);
-- `sampler precision bfloat16`: the shipped setting `SamplerConfig(precision="bfloat16")`, the denoiser's network
-  alone under autocast;
+- `precision bfloat16`: the shipped setting, `Bundle.set_precision("bfloat16")` (`EnvConfig.precision`): the
+  simulator's networks (denoiser, ensemble, reward) under autocast, the policy in float32;
 - `compile`: the denoiser's U-Net wrapped in `torch.compile` (inductor; reported as failed where no compiler works);
 - `batch B`: the same starts rolled out in chunks of B (`chunk_size`).
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import statistics
 import sys
@@ -43,12 +42,21 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "constant-factors.js
 
 def parse_sampler(text: str, bundle_sampler: SamplerConfig) -> SamplerConfig:
     kind, _, steps = text.partition(":")
-    return SamplerConfig(**{**bundle_sampler.__dict__, "kind": kind, "num_steps": int(steps), "precision": "float32"})
+    return SamplerConfig(**{**bundle_sampler.__dict__, "kind": kind, "num_steps": int(steps)})
 
 
 def timed_rollouts(bundle, s0, sampler, iterations, repeats, seed, horizon, context=contextlib.nullcontext,
-                   chunk_size=512):
-    """Median seconds of `repeats` rollouts (after one warm-up), and the first timed rollout's states."""
+                   chunk_size=512, precision="float32"):
+    """Median seconds of `repeats` rollouts (after one warm-up), and the first timed rollout's states; the
+    bundle served in `precision` meanwhile."""
+    bundle.set_precision(precision)
+    try:
+        return _timed_rollouts(bundle, s0, sampler, iterations, repeats, seed, horizon, context, chunk_size)
+    finally:
+        bundle.set_precision("float32")
+
+
+def _timed_rollouts(bundle, s0, sampler, iterations, repeats, seed, horizon, context, chunk_size):
     seconds, states = [], None
     for i in range(repeats + 1):
         gen = torch.Generator().manual_seed(seed)
@@ -85,10 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     horizon = 3 * bundle.diffusion.horizon // 4  # what the env serves of each window: 48 of 64 rows
     generated = args.batch * horizon
 
-    def run(label, shipped=False, variant_sampler=sampler, **kwargs):
+    def run(label, shipped=False, **kwargs):
         try:
-            seconds, states = timed_rollouts(bundle, s0, variant_sampler, args.iterations, args.repeats, args.seed,
-                                             horizon, **kwargs)
+            seconds, states = timed_rollouts(bundle, s0, sampler, args.iterations, args.repeats, args.seed, horizon,
+                                             **kwargs)
         except Exception as err:  # a variant that cannot run here is a result too, but the shipped path must run
             if shipped:
                 raise
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append(base)
     variants = [("inference_mode", {"context": torch.inference_mode}),
                 ("bf16 autocast", {"context": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}),
-                ("sampler precision bfloat16", {"variant_sampler": dataclasses.replace(sampler, precision="bfloat16")}),
+                ("precision bfloat16", {"precision": "bfloat16"}),
                 *[(f"batch {b}", {"chunk_size": b}) for b in (64, 128) if b < args.batch]]
     def compare(row, states):
         if states is not None:

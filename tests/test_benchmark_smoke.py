@@ -62,6 +62,6 @@ def test_constant_factors_runs_every_variant(tiny_bundle, tmp_path):
     results = constant_factors.main(["--bundle", str(tiny_bundle), "--sampler", "euler:2", "--batch", "4",
                                      "--repeats", "1", "--out", str(out)])
     variants = [row["variant"] for row in results["rows"]]
-    assert variants[0].endswith("(shipped)") and {"inference_mode", "bf16 autocast", "compile"} <= set(variants)
+    assert variants[0].endswith("(shipped)") and {"inference_mode", "bf16 autocast", "precision bfloat16", "compile"} <= set(variants)
     assert next(r for r in results["rows"] if r["variant"] == "inference_mode")["max_abs_diff_std"] == 0
     assert out.is_file() and out.with_suffix(".md").is_file()
