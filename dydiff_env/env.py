@@ -86,13 +86,16 @@ def shipped_bundle_path(task: str) -> Path:
     return SHIPPED_BUNDLES / task
 
 
-def resolve_bundle(bundle: str | Path | Bundle | None, task: str, device: str | torch.device = "cpu") -> Bundle:
+def resolve_bundle(bundle: str | Path | Bundle | None, task: str | None, device: str | torch.device = "cpu") -> Bundle:
+    """The bundle to serve: a loaded one, a directory, or (None) the one shipped for `task`. `task`, when given,
+    must be the bundle's; None takes the bundle's task (Hopper when no bundle is given either)."""
     if isinstance(bundle, Bundle):
-        if bundle.task.name != get_task(task).name:
+        if task is not None and bundle.task.name != get_task(task).name:
             raise BundleError(f"bundle {bundle.path} models {bundle.task.env_id}, not {get_task(task).env_id}")
         bundle.require("dynamics", "reward")  # as load_bundle does for a path: fail here, not at reset
         return bundle.to(device)
     if bundle is None:
+        task = task or "hopper"
         path = shipped_bundle_path(get_task(task).name)
         if not (path / "config.json").is_file():
             t = get_task(task)
@@ -101,7 +104,7 @@ def resolve_bundle(bundle: str | Path | Bundle | None, task: str, device: str | 
                 f"{t.name}-medium` (or use any local Minari dataset of {t.env_id}), then `dydiff-env train all "
                 f"--dataset {t.dataset_id('medium')} --out DIR --preset cpu`, and pass bundle=DIR")
         bundle = path
-    return load_bundle(bundle, env_id=get_task(task).env_id, device=device, require=("dynamics", "reward"))
+    return load_bundle(bundle, env_id=task and get_task(task).env_id, device=device, require=("dynamics", "reward"))
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,8 @@ class DydiffEnv(gym.vector.VectorEnv):
         bundle: a bundle directory, a loaded `Bundle`, or None for the bundle shipped for `task`.
         policy: the policy handle (see `set_policy`); None: no handle.
         config: an `EnvConfig`; keyword arguments override its fields (`gymnasium.make` passes them so).
-        task: "hopper" (the default), "walker2d", "halfcheetah"; must match the bundle.
+        task: "hopper", "walker2d", "halfcheetah"; must match the bundle. None (the default): the bundle's task,
+            or Hopper's shipped bundle when no bundle is given.
         render_mode: None, "rgb_array" (`render()` returns one (height, width, 3) uint8 frame per sub-env) or
             "human" (a window shows sub-env 0 after every reset and step; needs a display). The model's state is
             drawn through MuJoCo, with the unobserved x position integrated from the observed x velocity.
@@ -189,7 +193,7 @@ class DydiffEnv(gym.vector.VectorEnv):
     """
 
     def __init__(self, num_envs: int = 1, bundle: str | Path | Bundle | None = None, policy: Any = None,
-                 config: EnvConfig | None = None, *, task: str = "hopper", render_mode: str | None = None,
+                 config: EnvConfig | None = None, *, task: str | None = None, render_mode: str | None = None,
                  width: int = DEFAULT_SIZE, height: int = DEFAULT_SIZE, **overrides):
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")

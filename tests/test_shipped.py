@@ -112,11 +112,25 @@ def test_every_task_has_collect_presets_that_write_replayable_datasets():
         assert data.qpos is not None and data.qvel is not None
 
 
-def test_the_hopper_bundle_ships_a_student_that_samples():
+def test_the_hopper_bundle_ships_a_student_that_samples_by_default():
     import gymnasium
 
-    env = gymnasium.make("Dydiff-hopper-v0", sampler={"kind": "student", "num_steps": 2}, pool_size=2)
+    env = gymnasium.make("Dydiff-hopper-v0", plans="always", pool_size=2)
+    sampler = env.unwrapped.vector_env.sampler
+    assert (sampler.kind, sampler.num_steps) == ("student", 2)  # docs/samplers.md
     env.reset(seed=0)
     obs, reward, *_ = env.step(env.action_space.sample())
     assert np.isfinite(obs).all() and np.isfinite(reward)
     assert load_bundle(shipped_bundle_path("hopper")).student is not None
+
+
+def test_a_bundle_without_a_task_serves_its_own_task():
+    from dydiff_env import BundleError, DydiffEnv
+
+    bundle = load_bundle(shipped_bundle_path("walker2d"))
+    for given in (bundle, shipped_bundle_path("walker2d")):
+        env = DydiffEnv(2, bundle=given, plans="never")
+        assert env.task.name == "walker2d" and env.single_observation_space.shape == (17,)
+        env.close()
+    with pytest.raises(BundleError, match="models Walker2d-v5, not Hopper-v5"):
+        DydiffEnv(bundle=bundle, task="hopper")
