@@ -7,8 +7,8 @@
 Measured (transitions per second, wall clock, single process, torch on `--threads` intra-op threads):
 
 - `dydiff_rollout` on a batch of dataset start states (`--batch`, default 256) with the bundle's
-  behaviour-cloning policy: M=2 with the bundle's sampler, M=2 with a 10-step sampler, and M=0 (single-step
-  ensemble only). "generated" counts every row (batch x horizon), "kept" only the valid steps of the
+  behaviour-cloning policy, served in the env's precision: M=2 with the bundle's sampler, M=2 with the reference
+  34-step Heun sampler (when the bundle's is another), and M=0 (single-step ensemble only). "generated" counts every row (batch x horizon), "kept" only the valid steps of the
   trajectories the default hardmax filter keeps (what a replay buffer would receive).
 - `DydiffEnv` with num_envs 1, 64, 256, one whole run per agent: `reset` then `--steps` vector steps (1,000
   per sub-env by default; the agent that follows its plans runs 5 plan lengths), timing the env calls only
@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dydiff_env.config import PRECISIONS, SAMPLER_KINDS, EnvConfig
+from dydiff_env.config import PRECISIONS, SAMPLER_KINDS, EnvConfig, SamplerConfig
 from dydiff_env.tasks import TASKS
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "throughput.json"
@@ -240,7 +240,7 @@ def markdown(results: dict) -> str:
     lines = [f"## DyDiff throughput ({m['env_id']}, bundle `{m['bundle']}`, {m['threads']} torch thread(s), "
              f"{m['cpu_count']} CPUs, {'quick' if m['quick'] else 'full'} run)", ""]
     real_best = max(r["total_per_s"] for r in results["real"])
-    lines += ["### dydiff_rollout", "",
+    lines += [f"### dydiff_rollout (precision {m.get('rollout_precision', 'float32')})", "",
               "| rollout | M | sampler steps | batch x horizon | seconds | generated/s | kept/s | x real | peak MiB |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rollout"]:
@@ -339,8 +339,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sampler of the env's plans and re-plans (default: the bundle's; student: the bundle's "
                         "distilled student, with --env-sampler-steps K)")
     p.add_argument("--env-precision", default=EnvConfig.precision, choices=PRECISIONS,
-                   help=f"EnvConfig.precision of the env runs (default {EnvConfig.precision}; dydiff_rollout's rows "
-                        "are float32)")
+                   help=f"EnvConfig.precision of the env runs and of the dydiff_rollout rows (default "
+                        f"{EnvConfig.precision})")
     p.add_argument("--quick", action="store_true", help="a few seconds: tiny batch, few steps, small env sizes")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0)
@@ -370,7 +370,7 @@ def main(argv=None) -> dict:
         sys.exit(f"no bundle ships for {args.task} in this installation; pass --bundle DIR (see `dydiff-env train`)")
     bundle = load_bundle(bundle_path, require=("dynamics", "reward", "bc", "diffusion"))
     sampler = bundle.config.sampler
-    sampler10 = dataclasses.replace(sampler, num_steps=10)
+    reference = SamplerConfig()  # EDM's stochastic Heun sampler, 34 steps: the paper's
 
     # warm-up: lazy torch/MuJoCo initialisation is not part of any measurement
     from dydiff_env import behaviour_policy, dydiff_rollout
@@ -406,9 +406,13 @@ def main(argv=None) -> dict:
               flush=True)
         write_json(results, args.out)
 
-    record("rollout", bench_rollout(bundle, f"M=2, bundle sampler ({sampler.num_steps} steps)", 2, sampler,
+    bundle.set_precision(args.env_precision)  # the rollouts cost what the env's plans cost
+    results["meta"]["rollout_precision"] = bundle.precision
+    record("rollout", bench_rollout(bundle, f"M=2, bundle sampler ({sampler.kind} {sampler.num_steps})", 2, sampler,
                                     args.batch, args.seed))
-    record("rollout", bench_rollout(bundle, "M=2, 10-step sampler", 2, sampler10, args.batch, args.seed))
+    if sampler != reference:
+        record("rollout", bench_rollout(bundle, "M=2, reference sampler (heun 34)", 2, reference, args.batch,
+                                        args.seed))
     record("rollout", bench_rollout(bundle, "M=0 (single-step ensemble)", 0, sampler, args.batch, args.seed))
     plan_steps = args.plan_steps or 5 * max(1, 3 * bundle.diffusion.horizon // 4)
     results["meta"]["plan_steps"] = plan_steps

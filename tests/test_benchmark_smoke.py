@@ -28,7 +28,7 @@ def test_throughput_quick(tiny_bundle, tmp_path, capsys):
     assert out.with_suffix(".png").stat().st_size > 0
     assert saved["meta"]["quick"] is True and saved["meta"]["threads"] == 1
     assert [r["num_iterations"] for r in saved["rollout"]] == [2, 2, 0]
-    assert saved["rollout"][1]["sampler_steps"] == 10
+    assert saved["rollout"][1]["sampler_steps"] == 34  # the reference sampler, next to the bundle's 6-step one
     agents = ["handle", "noisy_0.1", "sac", "random"]
     assert [(r["num_envs"], r["agent"]) for r in saved["env"]] == [(n, a) for n in (1, 2) for a in agents]
     assert saved["meta"]["env_sampler_steps"] == 3 and {r["sampler_steps"] for r in saved["env"]} == {3}
