@@ -637,7 +637,8 @@ def markdown_table(results: dict) -> str:
     cols = sorted({1, max(1, horizon // 4), max(1, horizon // 2), max(1, 3 * horizon // 4), horizon})
     out = [f"Fidelity against {results['config']['dataset']} replayed in the simulator: "
            f"{results['config']['num_starts']} starts, H={horizon}, policy {results['config']['policy']}, "
-           f"sampler steps {results['config']['sampler_steps']}, filter none. State error: mean |model - true| / "
+           f"sampler {results['config'].get('sampler_kind', 'heun')} {results['config']['sampler_steps']} steps, precision "
+           f"{results['config'].get('precision', 'float32')}, filter none. State error: mean |model - true| / "
            "dataset std (mean +- 95% CI over the starts still alive at h; n@H: starts compared at H)."]
     for regime, r in results["regimes"].items():
         t = r["truth"]

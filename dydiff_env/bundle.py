@@ -23,6 +23,7 @@ files it no longer references are deleted. Until that replace the previous bundl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -356,6 +357,20 @@ class Bundle:
             if model is not None:
                 model.precision = self.precision
         return self
+
+    @contextlib.contextmanager
+    def serving(self, precision: str | None):
+        """The simulator's networks in `precision` inside the block (`set_precision`), as before after it; None
+        changes nothing."""
+        if precision is None:
+            yield self
+            return
+        before = self.precision
+        self.set_precision(precision)
+        try:
+            yield self
+        finally:
+            self.set_precision(before)
 
     def to(self, device: str | torch.device) -> "Bundle":
         self.device = torch.device(device)

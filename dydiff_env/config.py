@@ -377,10 +377,11 @@ class EnvConfig:
     autoreset_mode: "NextStep" (Gymnasium's default), "SameStep" or "Disabled" (or `AutoresetMode` members
         or their names).
     device: torch device of the models.
-    precision: how the simulator's networks (diffusion or student, ensemble, reward) are served: "auto"
-        (default: bfloat16 where the device computes it natively, else float32), "float32" or "bfloat16"
-        (autocast; about 1.6x faster plans on a CPU with native bf16, much slower on one without). The fidelity
-        benchmark measured no loss (docs/samplers.md); `models.precision`. A Bundle passed in is switched to it.
+    precision: how plans are generated (`dydiff_rollout(precision=...)`: its diffusion or student, ensemble and
+        reward networks): "auto" (default: bfloat16 where the device computes it natively, else float32),
+        "float32" or "bfloat16" (autocast; about 1.5x faster plans on a CPU with native bf16, much slower on one
+        without; the fidelity benchmark measured no loss, docs/samplers.md). Off-plan model steps are served as
+        the bundle is (float32 unless it was loaded otherwise): at their batch sizes bf16 measured slower.
     """
 
     plans: str = "auto"

@@ -199,7 +199,7 @@ class DydiffEnv(gym.vector.VectorEnv):
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         check_render_mode(render_mode)
         self.config = cfg = EnvConfig.from_kwargs(config, **overrides)
-        self.bundle = resolve_bundle(bundle, task, cfg.device).set_precision(cfg.precision)  # a Bundle passed in too
+        self.bundle = resolve_bundle(bundle, task, cfg.device)
         self.task = self.bundle.task
         if cfg.plans != "never" and cfg.num_iterations > 0:
             self.bundle.require("diffusion")
@@ -277,11 +277,12 @@ class DydiffEnv(gym.vector.VectorEnv):
         return self._dydiff(start_obs, plan_policy, self.config.filter)
 
     def _dydiff(self, start_obs, policy, filter_config: FilterConfig) -> RolloutResult:
-        """`dydiff_rollout` with this env's horizon, iterations, sampler, generator and ensemble mode."""
+        """`dydiff_rollout` with this env's horizon, iterations, sampler, generator, ensemble mode and precision."""
         return dydiff_rollout(self.bundle, start_obs, policy, horizon=self.horizon,
                               num_iterations=self.config.num_iterations, sampler=self.sampler,
                               filter=filter_config, generator=self._generator,
-                              dynamics_mode=self.config.rollout_dynamics, refine=self.config.refine)
+                              dynamics_mode=self.config.rollout_dynamics, refine=self.config.refine,
+                              precision=self.config.precision)
 
     def _generate(self, s: EnvState, first_ids: np.ndarray | None = None, pool_count: int = 0) -> None:
         """One batched DyDiff rollout for everything pending in `s`: first plans for the sub-envs `first_ids`

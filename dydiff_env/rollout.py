@@ -130,7 +130,7 @@ def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy,
                    num_iterations: int = 2, sampler: SamplerConfig | None = None,
                    filter: FilterConfig | None = None, generator: torch.Generator | None = None,
                    dynamics_mode: str = "elite_mean", chunk_size: int = 512,
-                   refine: RefineConfig | None = None) -> RolloutResult:
+                   refine: RefineConfig | None = None, precision: str | None = None) -> RolloutResult:
     """DyDiff rollouts of `policy` from `start_obs` (B, obs_dim); see the module docstring.
 
     horizon: transitions per trajectory; at most the diffusion window minus one (the window's last state
@@ -138,7 +138,8 @@ def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy,
     window are its least accurate. sampler: EDM sampler settings (default: the bundle's). filter: which
     trajectories to keep (default hardmax 60 %). refine: how each round combines the diffusion sample with
     the current states (default: the reference's 50/50 average, only s_0 given). Large batches run in
-    chunks of `chunk_size`.
+    chunks of `chunk_size`. precision: the networks' serving precision during this call ("float32",
+    "bfloat16", "auto"; `Bundle.serving`); None keeps the bundle's.
     """
     sampler = sampler or bundle.config.sampler
     refine = refine or RefineConfig()
@@ -167,9 +168,10 @@ def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy,
         if sampler.kind == "student":  # now, before the single-step rollouts: no student, or too many steps
             bundle.student_sigmas(sampler.num_steps)
 
-    chunks = [_rollout_chunk(bundle, part, policy, horizon, num_iterations, sampler, generator, dynamics_mode, window,
-                             refine, first_row=i * chunk_size)
-              for i, part in enumerate(start_obs.split(chunk_size))]
+    with bundle.serving(precision):
+        chunks = [_rollout_chunk(bundle, part, policy, horizon, num_iterations, sampler, generator, dynamics_mode,
+                                 window, refine, first_row=i * chunk_size)
+                  for i, part in enumerate(start_obs.split(chunk_size))]
     result = RolloutResult(*(torch.cat([getattr(c, f) for c in chunks]) for f in RolloutResult.__dataclass_fields__))
     result.kept = filter_trajectories(result.returns, filter, generator)
     return result

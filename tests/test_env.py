@@ -271,7 +271,7 @@ def replay_pool(env: DydiffEnv, seed: int, policy):
     starts = env.bundle.sample_start_obs(count, rng)
     result = dydiff_rollout(env.bundle, starts, as_policy(policy), horizon=env.horizon,
                             num_iterations=cfg.num_iterations, sampler=env.sampler, filter=FilterConfig("none"),
-                            generator=generator, dynamics_mode=cfg.rollout_dynamics)
+                            generator=generator, dynamics_mode=cfg.rollout_dynamics, precision=cfg.precision)
     kept = torch.nonzero(filter_trajectories(result.returns, cfg.filter, generator)).flatten().numpy()
     rng.shuffle(kept)
     return result.select(torch.as_tensor(kept))

@@ -61,11 +61,22 @@ def test_env_precision(tiny_bundle):
     with pytest.raises(ValueError, match="precision must be one of"):
         EnvConfig(precision="half")
     bundle = load_bundle(tiny_bundle)
-    DydiffEnv(2, bundle=bundle, plans="never").close()  # the default, "auto"
-    assert bundle.precision == resolve_precision("auto", "cpu")
-    env = DydiffEnv(2, bundle=bundle, precision="bfloat16", plans="never")
-    assert bundle.precision == "bfloat16" and bundle.dynamics.precision == "bfloat16"  # a Bundle passed in too
-    obs, _ = env.reset(seed=0)
+    assert DydiffEnv(2, bundle=bundle).config.precision == "auto"  # the default
+    env = DydiffEnv(2, bundle=bundle, precision="bfloat16", plans="always", pool_size=2)
+    seen = []
+    original = bundle.set_precision
+    bundle.set_precision = lambda p: seen.append(p) or original(p)
+    obs, _ = env.reset(seed=0)  # the pool's plans: in bf16 for the call, float32 after it
+    assert "bfloat16" in seen and bundle.precision == "float32" and bundle.dynamics.precision == "float32"
     obs, reward, *_ = env.step(np.zeros((2, bundle.act_dim), dtype=np.float32))
     assert obs.dtype == env.single_observation_space.dtype and np.isfinite(obs).all() and np.isfinite(reward).all()
     env.close()
+
+
+def test_rollout_precision_is_for_the_call(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    s0 = starts(bundle)
+    gen = torch.Generator().manual_seed(0)
+    b = dydiff_rollout(bundle, s0, behaviour_policy(bundle, gen), horizon=8, generator=gen, precision="bfloat16")
+    assert bundle.precision == "float32"
+    assert torch.equal(b.next_obs, rollout(load_bundle(tiny_bundle, precision="bfloat16"), s0).next_obs)
