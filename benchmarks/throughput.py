@@ -210,7 +210,7 @@ def bench_env(bundle, num_envs: int, agent_kind: str, steps: int, seed: int = 0,
         env.close()
     served = stats["plan_steps"] + stats["model_steps"]
     return {"num_envs": num_envs, "agent": agent_kind, "steps": steps, "sampler_steps": env.sampler.num_steps,
-            "precision": bundle.precision,
+            "plan_precision": precision, "model_step_precision": bundle.precision,
             **row, "plan_share": stats["plan_steps"] / max(1, served), "stats": stats,
             "peak_mib": mem.peak_mib, "maxrss_delta_mib": mem.maxrss_delta_mib}
 
@@ -406,14 +406,14 @@ def main(argv=None) -> dict:
               flush=True)
         write_json(results, args.out)
 
-    bundle.set_precision(args.env_precision)  # the rollouts cost what the env's plans cost
-    results["meta"]["rollout_precision"] = bundle.precision
-    record("rollout", bench_rollout(bundle, f"M=2, bundle sampler ({sampler.kind} {sampler.num_steps})", 2, sampler,
-                                    args.batch, args.seed))
-    if sampler != reference:
-        record("rollout", bench_rollout(bundle, "M=2, reference sampler (heun 34)", 2, reference, args.batch,
-                                        args.seed))
-    record("rollout", bench_rollout(bundle, "M=0 (single-step ensemble)", 0, sampler, args.batch, args.seed))
+    with bundle.serving(args.env_precision):  # the rollouts cost what the env's plans cost
+        results["meta"]["rollout_precision"] = bundle.precision
+        record("rollout", bench_rollout(bundle, f"M=2, bundle sampler ({sampler.kind} {sampler.num_steps})", 2,
+                                        sampler, args.batch, args.seed))
+        if sampler != reference:
+            record("rollout", bench_rollout(bundle, "M=2, reference sampler (heun 34)", 2, reference, args.batch,
+                                            args.seed))
+        record("rollout", bench_rollout(bundle, "M=0 (single-step ensemble)", 0, sampler, args.batch, args.seed))
     plan_steps = args.plan_steps or 5 * max(1, 3 * bundle.diffusion.horizon // 4)
     results["meta"]["plan_steps"] = plan_steps
     for n in args.num_envs:

@@ -32,6 +32,7 @@ def test_throughput_quick(tiny_bundle, tmp_path, capsys):
     agents = ["handle", "noisy_0.1", "sac", "random"]
     assert [(r["num_envs"], r["agent"]) for r in saved["env"]] == [(n, a) for n in (1, 2) for a in agents]
     assert saved["meta"]["env_sampler_steps"] == 3 and {r["sampler_steps"] for r in saved["env"]} == {3}
+    assert {r["model_step_precision"] for r in saved["env"]} == {"float32"}  # the rollout rows' precision is undone
     assert "[throughput] env: num_envs 2 random" in printed
     by_agent = {(r["num_envs"], r["agent"]): r for r in saved["env"]}
     assert by_agent[(2, "handle")]["plan_share"] > 0.5 and by_agent[(2, "random")]["plan_share"] == 0
