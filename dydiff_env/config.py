@@ -370,6 +370,12 @@ class EnvConfig:
         Gaussian sample of it, MBPO-style).
     uncertainty_penalty: MOPO's lambda: off-plan rewards are r(s, a) - lambda * disagreement.
     max_disagreement: truncate an off-plan step whose ensemble disagreement exceeds this (None: never).
+    max_state_std: a divergence guard, not an uncertainty rule: a next state more than this many dataset stds
+        from the dataset mean in any dimension truncates the episode like a non-finite one (the last
+        observation again, reward 0, `info["diverged"]`). Single-step rollouts can run away: from 1 of 96
+        HalfCheetah dataset states the ensemble's state grew from 4 to 1e5 stds in about 30 steps, where the
+        real env stays under 4. Random actions, which throw the model furthest from the data, stayed under
+        34 stds on all three shipped bundles (docs/env-design.md). None: never.
     max_episode_steps: truncation limit (the real Hopper-v5 uses 1000; None: no limit).
     start_states: "any" - reset to dataset states drawn uniformly from the dataset (the bundle's stored
         sample is reweighted); "episode_starts" - to the dataset's episode starts only; "stored" - uniformly
@@ -397,6 +403,7 @@ class EnvConfig:
     model_dynamics: str = "elite_mean"
     uncertainty_penalty: float = 0.0
     max_disagreement: float | None = None
+    max_state_std: float | None = 100.0
     max_episode_steps: int | None = 1000
     start_states: str = "any"
     autoreset_mode: str = "NextStep"
@@ -441,6 +448,8 @@ class EnvConfig:
             raise ValueError(f"uncertainty_penalty must be >= 0, got {self.uncertainty_penalty!r}")
         if self.max_disagreement is not None and not self.max_disagreement > 0:
             raise ValueError(f"max_disagreement must be > 0 or None, got {self.max_disagreement!r}")
+        if self.max_state_std is not None and not self.max_state_std > 0:
+            raise ValueError(f"max_state_std must be > 0 or None, got {self.max_state_std!r}")
 
     @classmethod
     def from_kwargs(cls, config: "EnvConfig | None" = None, **kwargs) -> "EnvConfig":

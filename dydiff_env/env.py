@@ -37,9 +37,10 @@ Where plans come from. A plan costs a diffusion run, so no sub-env ever waits fo
   set); `plans="never"`: the single-step model only.
 
 Rewards come from the reward model, `terminated` from the task's termination rule on the next state,
-`truncated` from `max_episode_steps`, `max_disagreement` and non-finite model output (such a sub-env repeats
-its previous observation with reward 0 and is flagged in `info["nonfinite"]`, so the env never emits NaN or
-inf). Finite out-of-bound actions are clipped and counted (`info["clipped_actions"]`); NaN/inf actions or
+`truncated` from `max_episode_steps`, `max_disagreement`, and model output that is non-finite or diverged
+(a state more than `max_state_std` dataset stds from the dataset mean). Such a sub-env repeats its previous
+observation with reward 0 and is flagged in `info["nonfinite"]` or `info["diverged"]`, so the env never emits
+NaN, inf or a runaway state. Finite out-of-bound actions are clipped and counted (`info["clipped_actions"]`); NaN/inf actions or
 actions of the wrong shape raise `ValueError`.
 
 `step` and `reset` are atomic: the next state, re-plans included, is built beside the current one and
@@ -76,10 +77,10 @@ from .tasks import get_task
 SHIPPED_BUNDLES = Path(__file__).parent / "assets" / "bundles"
 # every key a step's info has (with Gymnasium's `_key` masks), and its value where a sub-env does not set it
 INFO_DEFAULTS = {"mode": "", "disagreement": 0.0, "plan_return": 0.0, "replanned": False, "clipped_actions": 0,
-                 "nonfinite": False}
+                 "nonfinite": False, "diverged": False}
 INFO_KEYS = tuple(INFO_DEFAULTS)
 STAT_KEYS = ("plan_steps", "model_steps", "rollout_calls", "pool_generations", "pool_plans", "first_plans",
-             "replans", "uncertain", "nonfinite", "clipped_actions")
+             "replans", "uncertain", "nonfinite", "diverged", "clipped_actions")
 
 
 def shipped_bundle_path(task: str) -> Path:
@@ -231,6 +232,9 @@ class DydiffEnv(gym.vector.VectorEnv):
         self._low = self.single_action_space.low.astype(np.float64)
         self._high = self.single_action_space.high.astype(np.float64)
         self._generator = torch.Generator()
+        obs_norm = self.bundle.normalizer("obs")  # the divergence guard's scale
+        self._obs_mean = torch.as_tensor(obs_norm.mean, dtype=torch.float32, device=self.bundle.device)
+        self._obs_std = torch.as_tensor(obs_norm.std, dtype=torch.float32, device=self.bundle.device)
         self.stats = dict.fromkeys(STAT_KEYS, 0)
         self._state = self._initial_state()
         self._started = False
@@ -543,7 +547,7 @@ class DydiffEnv(gym.vector.VectorEnv):
         ids = np.flatnonzero(~reset_now)
         infos = {key: np.zeros(n, dtype=dtype) for key, dtype in
                  (("mode", "<U5"), ("disagreement", np.float64), ("replanned", bool), ("clipped_actions", np.int64),
-                  ("nonfinite", bool))}
+                  ("nonfinite", bool), ("diverged", bool))}
         rewards, terminated, truncated = np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         if len(ids):
             self._advance(s, ids, act, infos, rewards, terminated, truncated)
@@ -618,8 +622,12 @@ class DydiffEnv(gym.vector.VectorEnv):
                                                                             generator=self._generator)
             reward[off] = self.bundle.reward(x, u) - cfg.uncertainty_penalty * disagreement[off]
         finite = torch.isfinite(next_obs).all(1) & torch.isfinite(reward) & torch.isfinite(disagreement)
+        diverged = torch.zeros_like(finite)
+        if cfg.max_state_std is not None:
+            diverged = finite & (((next_obs - self._obs_mean) / self._obs_std).abs().amax(1) > cfg.max_state_std)
+        finite = finite & ~diverged  # from here on: a state the agent may see
         term = torch.as_tensor(self.task.terminated(next_obs)) & finite
-        # a non-finite model output ends the episode; the agent sees its last observation again
+        # a non-finite or diverged model output ends the episode; the agent sees its last observation again
         next_obs = torch.where(finite[:, None], next_obs, s.obs[tid])
         reward = torch.where(finite, reward, torch.zeros_like(reward))
         disagreement = torch.where(finite, disagreement, torch.zeros_like(disagreement))
@@ -634,6 +642,7 @@ class DydiffEnv(gym.vector.VectorEnv):
         s.wants_next[ids] &= follows
         s.elapsed[ids] += 1
         finite_np, term_np, dis_np = finite.cpu().numpy(), term.cpu().numpy(), disagreement.cpu().numpy()
+        diverged_np = diverged.cpu().numpy()
         uncertain = np.zeros(len(ids), dtype=bool)
         if cfg.max_disagreement is not None:
             uncertain = ~follows & (dis_np > cfg.max_disagreement)
@@ -654,11 +663,13 @@ class DydiffEnv(gym.vector.VectorEnv):
         infos["mode"][ids] = np.where(follows, "plan", "model")
         infos["disagreement"][ids] = dis_np
         infos["replanned"][go_on] = True
-        infos["nonfinite"][ids] = ~finite_np
+        infos["nonfinite"][ids] = ~finite_np & ~diverged_np
+        infos["diverged"][ids] = diverged_np
         self.stats["plan_steps"] += int(follows.sum())
         self.stats["model_steps"] += int((~follows).sum())
         self.stats["uncertain"] += int(uncertain.sum())
-        self.stats["nonfinite"] += int((~finite_np).sum())
+        self.stats["nonfinite"] += int((~finite_np & ~diverged_np).sum())
+        self.stats["diverged"] += int(diverged_np.sum())
 
     def _count_pool_starts(self, s: EnvState, ids: np.ndarray, follows: np.ndarray) -> None:
         """Auto mode: switch the pool off after `pool_size` pool-plan episodes in a row left their plan at once."""

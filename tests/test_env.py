@@ -17,7 +17,7 @@ from gymnasium.utils.seeding import np_random
 from gymnasium.vector import AutoresetMode
 
 import dydiff_env
-from dydiff_env import BundleError, DydiffEnv, FilterConfig, PolicyError, as_policy, dydiff_rollout, load_bundle
+from dydiff_env import BundleError, DydiffEnv, EnvConfig, FilterConfig, PolicyError, as_policy, dydiff_rollout, load_bundle
 from dydiff_env.rollout import filter_trajectories
 from dydiff_env.env import INFO_KEYS
 
@@ -483,8 +483,6 @@ def test_removed_keywords_name_their_replacement(bundle):
         DydiffEnv(1, bundle=bundle, pool=3)
     with pytest.raises(ValueError, match="plans must be one of"):
         DydiffEnv(1, bundle=bundle, plans="sometimes")
-    from dydiff_env import EnvConfig
-
     env = gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="vector_entry_point", bundle=bundle,
                        config=EnvConfig(plans="never", pool_size=3), filter="softmax", keep_fraction=0.5)
     assert env.config.plans == "never" and env.config.pool_size == 3
@@ -589,6 +587,30 @@ def test_never_emits_nan(tiny_bundle, monkeypatch):
     assert info["nonfinite"].all() and env.stats["nonfinite"] == 2
     obs, *_ = env.step(off)  # the autoreset step
     assert np.isfinite(obs).all()
+
+
+def test_a_runaway_state_is_cut_like_a_non_finite_one(tiny_bundle, monkeypatch):
+    own = load_bundle(tiny_bundle)
+    env = DydiffEnv(2, bundle=own, **FAST)
+    obs0, _ = env.reset(seed=0)
+    predict = own.dynamics.predict
+    std = torch.as_tensor(own.normalizer("obs").std, dtype=torch.float32)
+
+    def runaway(obs, act, mode="elite_mean", generator=None):  # sub-env 0 leaves by 1000 stds, sub-env 1 stays
+        nxt, disagreement = predict(obs, act, mode=mode, generator=generator)
+        return nxt + torch.stack([1000 * std, 0 * std]), disagreement
+
+    monkeypatch.setattr(own.dynamics, "predict", runaway)
+    obs, rewards, terminated, truncated, info = env.step(np.full((2, 3), 0.5, np.float32))
+    assert np.array_equal(obs[0], obs0[0]) and rewards[0] == 0 and truncated[0] and not terminated[0]
+    assert list(info["diverged"]) == [True, False] and not info["nonfinite"].any()
+    assert env.stats["diverged"] == 1 and env.stats["nonfinite"] == 0
+    env = DydiffEnv(2, bundle=own, max_state_std=None, **FAST)  # the guard off
+    env.reset(seed=0)
+    obs, rewards, terminated, truncated, info = env.step(np.full((2, 3), 0.5, np.float32))
+    assert not info["diverged"].any() and np.abs(obs[0] - obs0[0]).max() > 100
+    with pytest.raises(ValueError, match="max_state_std"):
+        EnvConfig(max_state_std=0)
 
 
 # --------------------------------------------------------------------------------------------- policy handles
