@@ -286,7 +286,7 @@ class DydiffEnv(gym.vector.VectorEnv):
                               num_iterations=self.config.num_iterations, sampler=self.sampler,
                               filter=filter_config, generator=self._generator,
                               dynamics_mode=self.config.rollout_dynamics, refine=self.config.refine,
-                              precision=self.config.precision)
+                              precision=self.config.precision, max_state_std=self.config.max_state_std)
 
     def _generate(self, s: EnvState, first_ids: np.ndarray | None = None, pool_count: int = 0) -> None:
         """One batched DyDiff rollout for everything pending in `s`: first plans for the sub-envs `first_ids`

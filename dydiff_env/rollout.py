@@ -54,6 +54,7 @@ class RolloutResult:
     kept: torch.Tensor
     disagreement: torch.Tensor
     nonfinite: torch.Tensor  # (B,) a model produced NaN/inf; such trajectories end there
+    diverged: torch.Tensor  # (B,) a state ran away (beyond `max_state_std`); such trajectories end there too
 
     def __len__(self) -> int:
         return self.obs.shape[0]
@@ -130,7 +131,8 @@ def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy,
                    num_iterations: int = 2, sampler: SamplerConfig | None = None,
                    filter: FilterConfig | None = None, generator: torch.Generator | None = None,
                    dynamics_mode: str = "elite_mean", chunk_size: int = 512,
-                   refine: RefineConfig | None = None, precision: str | None = None) -> RolloutResult:
+                   refine: RefineConfig | None = None, precision: str | None = None,
+                   max_state_std: float | None = 100.0) -> RolloutResult:
     """DyDiff rollouts of `policy` from `start_obs` (B, obs_dim); see the module docstring.
 
     horizon: transitions per trajectory; at most the diffusion window minus one (the window's last state
@@ -139,7 +141,9 @@ def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy,
     trajectories to keep (default hardmax 60 %). refine: how each round combines the diffusion sample with
     the current states (default: the reference's 50/50 average, only s_0 given). Large batches run in
     chunks of `chunk_size`. precision: the networks' serving precision during this call ("float32",
-    "bfloat16", "auto"; `Bundle.serving`); None keeps the bundle's.
+    "bfloat16", "auto"; `Bundle.serving`); None keeps the bundle's. max_state_std: a step whose next state is
+    more than this many dataset stds from the dataset mean in some dimension is treated like a non-finite one:
+    the trajectory ends before it and it is no data (`EnvConfig.max_state_std` has the evidence; None: off).
     """
     sampler = sampler or bundle.config.sampler
     refine = refine or RefineConfig()
@@ -170,7 +174,7 @@ def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy,
 
     with bundle.serving(precision):
         chunks = [_rollout_chunk(bundle, part, policy, horizon, num_iterations, sampler, generator, dynamics_mode,
-                                 window, refine, first_row=i * chunk_size)
+                                 window, refine, max_state_std, first_row=i * chunk_size)
                   for i, part in enumerate(start_obs.split(chunk_size))]
     result = RolloutResult(*(torch.cat([getattr(c, f) for c in chunks]) for f in RolloutResult.__dataclass_fields__))
     result.kept = filter_trajectories(result.returns, filter, generator)
@@ -227,7 +231,7 @@ def probe_distance(sampled_states: torch.Tensor, states: torch.Tensor, obs_var: 
 
 
 def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generator, dynamics_mode, window, refine,
-                   first_row: int = 0) -> RolloutResult:
+                   max_state_std, first_row: int = 0) -> RolloutResult:
     obs_dim, act_dim = bundle.obs_dim, bundle.act_dim
     # the diffusion model works on whole windows; a pure single-step rollout needs only horizon + 1 states
     length = window if num_iterations > 0 else horizon + 1
@@ -278,11 +282,16 @@ def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generat
     _, disagreement = bundle.dynamics.predict(obs.reshape(-1, obs_dim), acts.reshape(-1, act_dim), mode="mean")
     disagreement = disagreement.reshape(obs.shape[:2])
     finite = torch.isfinite(next_obs).all(-1) & torch.isfinite(rewards) & torch.isfinite(obs).all(-1)
-    terminated = torch.as_tensor(bundle.task.terminated(next_obs), device=obs.device) | ~finite
-    # a non-finite step counts as a termination (so nothing after it is valid) but is never data itself
-    valid = _first_termination_cut(terminated) & finite
+    diverged = torch.zeros_like(finite)
+    if max_state_std is not None:
+        mean = torch.as_tensor(bundle.normalizer("obs").mean, dtype=s0.dtype, device=s0.device)
+        diverged = finite & (((next_obs - mean) / obs_var.sqrt()).abs().amax(-1) > max_state_std)
+    usable = finite & ~diverged
+    terminated = torch.as_tensor(bundle.task.terminated(next_obs), device=obs.device) | ~usable
+    # a non-finite or runaway step counts as a termination (so nothing after it is valid) but is never data itself
+    valid = _first_termination_cut(terminated) & usable
     # 4. score by predicted return over the valid steps
     returns = torch.where(valid, rewards, torch.zeros_like(rewards)).sum(1)
     return RolloutResult(obs, acts, rewards, next_obs, terminated, valid, returns,
                          torch.ones(obs.shape[0], dtype=torch.bool, device=obs.device), disagreement,
-                         ~finite.all(1))
+                         ~finite.all(1), diverged.any(1))

@@ -69,7 +69,8 @@ def test_kept_valid_steps_become_episodes_that_end_in_termination_or_truncation(
     kept = torch.tensor([True, False, True, True])  # trajectory 1 filtered out
     result = RolloutResult(states[:, :-1], torch.zeros(batch, horizon, 1), torch.ones(batch, horizon),
                            states[:, 1:], terminated, valid, torch.zeros(batch), kept,
-                           torch.zeros(batch, horizon), torch.zeros(batch, dtype=torch.bool))
+                           torch.zeros(batch, horizon), torch.zeros(batch, dtype=torch.bool),
+                           torch.zeros(batch, dtype=torch.bool))
     chunk = rollout_episodes(result)
     assert chunk.episode_lengths.tolist() == [2, 3] and len(chunk) == 5 and chunk.horizon == horizon
     np.testing.assert_array_equal(chunk.obs, result.transitions()["obs"])

@@ -57,12 +57,13 @@ def test_shapes_and_dtypes(bundle, result):
         ("actions", (b, h, ACT_DIM), torch.float32), ("rewards", (b, h), torch.float32),
         ("terminated", (b, h), torch.bool), ("valid", (b, h), torch.bool), ("disagreement", (b, h), torch.float32),
         ("returns", (b,), torch.float32), ("kept", (b,), torch.bool), ("nonfinite", (b,), torch.bool),
+        ("diverged", (b,), torch.bool),
     ]:
         value = getattr(result, name)
         assert tuple(value.shape) == shape, name
         assert value.dtype == dtype, name
     assert bool(((result.actions >= -1) & (result.actions <= 1)).all())
-    assert not result.nonfinite.any()
+    assert not result.nonfinite.any() and not result.diverged.any()
     flat = result.transitions(kept_only=True)
     assert flat["obs"].shape == (int((result.valid & result.kept[:, None]).sum()), OBS_DIM)
 
@@ -238,3 +239,28 @@ def test_horizon_limits(bundle, starts):
         dydiff_rollout(bundle, starts[:2], policy, num_iterations=-1)
     r = dydiff_rollout(bundle, starts[:2], policy, horizon=window - 1, generator=gen(0))
     assert r.obs.shape[1] == window - 1
+
+
+def test_a_runaway_state_ends_its_trajectory_and_is_no_data(bundle, starts, monkeypatch):
+    std = torch.as_tensor(bundle.normalizer("obs").std, dtype=torch.float32)
+    predict = bundle.dynamics.member_predictions
+    calls = []
+
+    def runaway(obs, act):  # trajectory 0 runs away from its fourth single-step state on
+        means, stds = predict(obs, act)
+        calls.append(1)
+        if len(calls) >= 4:
+            means = means.clone()
+            means[:, 0] += 1000 * std
+        return means, stds
+
+    monkeypatch.setattr(bundle.dynamics, "member_predictions", runaway)
+    result = dydiff_rollout(bundle, starts[:3], linear_policy(), horizon=8, num_iterations=0,
+                            filter=FilterConfig("none"), generator=gen(0))
+    assert result.diverged.tolist() == [True, False, False] and not result.nonfinite.any()
+    assert result.valid[0].tolist() == [True] * 3 + [False] * 5  # cut before its first runaway step
+    assert result.terminated[0, 3] and result.valid[1:].all()
+    calls.clear()
+    off = dydiff_rollout(bundle, starts[:3], linear_policy(), horizon=8, num_iterations=0,
+                         filter=FilterConfig("none"), generator=gen(0), max_state_std=None)
+    assert not off.diverged.any() and off.valid[0, 3]
