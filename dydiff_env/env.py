@@ -71,7 +71,7 @@ from .bundle import Bundle, BundleError, load_bundle
 from .config import EnvConfig, FilterConfig
 from .policies import as_policy
 from .render import DEFAULT_SIZE, RENDER_MODES, StateRenderer, available_render_modes, check_render_mode, integrate_x
-from .rollout import RolloutResult, behaviour_policy, call_policy, dydiff_rollout, filter_trajectories
+from .rollout import RolloutResult, behaviour_policy, call_policy, dydiff_rollout, filter_trajectories, runaway
 from .tasks import get_task
 
 SHIPPED_BUNDLES = Path(__file__).parent / "assets" / "bundles"
@@ -622,9 +622,7 @@ class DydiffEnv(gym.vector.VectorEnv):
                                                                             generator=self._generator)
             reward[off] = self.bundle.reward(x, u) - cfg.uncertainty_penalty * disagreement[off]
         finite = torch.isfinite(next_obs).all(1) & torch.isfinite(reward) & torch.isfinite(disagreement)
-        diverged = torch.zeros_like(finite)
-        if cfg.max_state_std is not None:
-            diverged = finite & (((next_obs - self._obs_mean) / self._obs_std).abs().amax(1) > cfg.max_state_std)
+        diverged = finite & runaway(next_obs, self._obs_mean, self._obs_std, cfg.max_state_std)
         finite = finite & ~diverged  # from here on: a state the agent may see
         term = torch.as_tensor(self.task.terminated(next_obs)) & finite
         # a non-finite or diverged model output ends the episode; the agent sees its last observation again

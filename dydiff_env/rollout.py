@@ -191,6 +191,15 @@ def sample_windows(bundle, cond_values: torch.Tensor, cond_mask: torch.Tensor, s
     return edm_sample(bundle.diffusion.denoise, cond_values, cond_mask, sampler, generator)
 
 
+def runaway(states: torch.Tensor, obs_mean: torch.Tensor, obs_std: torch.Tensor,
+            max_state_std: float | None) -> torch.Tensor:
+    """(...,) True where a state (..., obs) lies more than `max_state_std` dataset stds from the dataset mean in
+    some dimension: a model that left the data for good (never, for None)."""
+    if max_state_std is None:
+        return torch.zeros(states.shape[:-1], dtype=torch.bool, device=states.device)
+    return ((states - obs_mean) / obs_std).abs().amax(-1) > max_state_std
+
+
 def elite_spread(means: torch.Tensor, obs_var: torch.Tensor) -> torch.Tensor:
     """(B,) the elites' variance of their predicted next states (means (E, B, obs)), mean over dimensions, in
     dataset-std units: one step's term of the ensemble's running variance estimate v."""
@@ -282,10 +291,8 @@ def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generat
     _, disagreement = bundle.dynamics.predict(obs.reshape(-1, obs_dim), acts.reshape(-1, act_dim), mode="mean")
     disagreement = disagreement.reshape(obs.shape[:2])
     finite = torch.isfinite(next_obs).all(-1) & torch.isfinite(rewards) & torch.isfinite(obs).all(-1)
-    diverged = torch.zeros_like(finite)
-    if max_state_std is not None:
-        mean = torch.as_tensor(bundle.normalizer("obs").mean, dtype=s0.dtype, device=s0.device)
-        diverged = finite & (((next_obs - mean) / obs_var.sqrt()).abs().amax(-1) > max_state_std)
+    obs_mean = torch.as_tensor(bundle.normalizer("obs").mean, dtype=s0.dtype, device=s0.device)
+    diverged = finite & runaway(next_obs, obs_mean, obs_var.sqrt(), max_state_std)
     usable = finite & ~diverged
     terminated = torch.as_tensor(bundle.task.terminated(next_obs), device=obs.device) | ~usable
     # a non-finite or runaway step counts as a termination (so nothing after it is valid) but is never data itself
