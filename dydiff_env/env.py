@@ -40,8 +40,8 @@ Rewards come from the reward model, `terminated` from the task's termination rul
 `truncated` from `max_episode_steps`, `max_disagreement`, and model output that is non-finite or diverged
 (a state more than `max_state_std` dataset stds from the dataset mean). Such a sub-env repeats its previous
 observation with reward 0 and is flagged in `info["nonfinite"]` or `info["diverged"]`, so the env never emits
-NaN, inf or a runaway state. Finite out-of-bound actions are clipped and counted (`info["clipped_actions"]`); NaN/inf actions or
-actions of the wrong shape raise `ValueError`.
+NaN, inf or a runaway state. Finite out-of-bound actions are clipped and counted (`info["clipped_actions"]`);
+NaN/inf actions or actions of the wrong shape raise `ValueError`.
 
 `step` and `reset` are atomic: the next state, re-plans included, is built beside the current one and
 replaces it only when the call succeeds; the random generators and counters are restored when anything

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import FilterConfig, RefineConfig, SamplerConfig
+from .config import MAX_STATE_STD, FilterConfig, RefineConfig, SamplerConfig
 from .models import edm_sample, student_sample
 
 Policy = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
@@ -132,7 +132,7 @@ def dydiff_rollout(bundle, start_obs: torch.Tensor | np.ndarray, policy: Policy,
                    filter: FilterConfig | None = None, generator: torch.Generator | None = None,
                    dynamics_mode: str = "elite_mean", chunk_size: int = 512,
                    refine: RefineConfig | None = None, precision: str | None = None,
-                   max_state_std: float | None = 100.0) -> RolloutResult:
+                   max_state_std: float | None = MAX_STATE_STD) -> RolloutResult:
     """DyDiff rollouts of `policy` from `start_obs` (B, obs_dim); see the module docstring.
 
     horizon: transitions per trajectory; at most the diffusion window minus one (the window's last state
