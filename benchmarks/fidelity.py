@@ -143,12 +143,7 @@ class Trajectories:
 
     @classmethod
     def from_rollout(cls, result: RolloutResult, seconds: float) -> "Trajectories":
-        """A trajectory that ran away (`RolloutResult.diverged`) has no states after its last valid step, as an
-        env episode cut by the same guard has none."""
         states = torch.cat([result.obs[:, :1], result.next_obs], 1).double().cpu().numpy()
-        valid_steps = result.valid.sum(1).cpu().numpy()
-        for row in np.flatnonzero(result.diverged.cpu().numpy()):
-            states[row, valid_steps[row] + 1:] = np.nan
         return cls(states, result.rewards.double().cpu().numpy(), result.terminated.cpu().numpy().astype(bool),
                    result.returns.double().cpu().numpy(), seconds, int(result.nonfinite.sum()))
 

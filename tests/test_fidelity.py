@@ -321,19 +321,3 @@ def test_video_grid_puts_starts_side_by_side_and_rows_on_top_of_each_other():
     assert (frames[:, 30:40, 10:50] == 0).all() and (frames[:, 30:40, 60:100] == 100).all()
     assert (frames[:, 70:80] == 200).all()
     assert not (frames[:, :12, :40] == 0).all()  # the label box with its text
-
-
-def test_a_runaway_rollout_has_no_states_after_its_cut():
-    from dydiff_env import RolloutResult
-
-    batch, horizon = 2, 4
-    states = torch.arange(batch * (horizon + 1) * 2, dtype=torch.float32).reshape(batch, horizon + 1, 2)
-    valid = torch.ones(batch, horizon, dtype=torch.bool)
-    valid[0, 2:] = False  # trajectory 0 ran away at its third step
-    result = RolloutResult(states[:, :-1], torch.zeros(batch, horizon, 1), torch.ones(batch, horizon),
-                           states[:, 1:], ~valid, valid, torch.zeros(batch), torch.ones(batch, dtype=torch.bool),
-                           torch.zeros(batch, horizon), torch.zeros(batch, dtype=torch.bool),
-                           torch.tensor([True, False]))
-    traj = fidelity.Trajectories.from_rollout(result, 0.0)
-    assert np.isfinite(traj.states[0, :3]).all() and np.isnan(traj.states[0, 3:]).all()
-    assert np.isfinite(traj.states[1]).all()
