@@ -47,23 +47,15 @@ def parse_sampler(text: str, bundle_sampler: SamplerConfig) -> SamplerConfig:
 
 def timed_rollouts(bundle, s0, sampler, iterations, repeats, seed, horizon, context=contextlib.nullcontext,
                    chunk_size=512, precision="float32"):
-    """Median seconds of `repeats` rollouts (after one warm-up), and the first timed rollout's states; the
-    bundle served in `precision` meanwhile."""
-    bundle.set_precision(precision)
-    try:
-        return _timed_rollouts(bundle, s0, sampler, iterations, repeats, seed, horizon, context, chunk_size)
-    finally:
-        bundle.set_precision("float32")
-
-
-def _timed_rollouts(bundle, s0, sampler, iterations, repeats, seed, horizon, context, chunk_size):
+    """Median seconds of `repeats` rollouts (after one warm-up) in `precision`, and the first timed rollout's
+    states."""
     seconds, states = [], None
     for i in range(repeats + 1):
         gen = torch.Generator().manual_seed(seed)
         with context():
             t0 = time.perf_counter()
             result = dydiff_rollout(bundle, s0, behaviour_policy(bundle, gen), horizon=horizon, num_iterations=iterations,
-                                    sampler=sampler, generator=gen, chunk_size=chunk_size)
+                                    sampler=sampler, generator=gen, chunk_size=chunk_size, precision=precision)
             elapsed = time.perf_counter() - t0
         if i > 0:
             seconds.append(elapsed)

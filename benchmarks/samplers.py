@@ -243,18 +243,17 @@ def main(argv: list[str] | None = None) -> dict:
     for sampler, precision, iterations, rule in configs:
         used = sampler or bundle.config.sampler
         refine = fidelity.parse_method(RULES[rule].format(m=max(iterations, 1)))[1]
-        bundle.set_precision(precision)
-        row = {"label": "single-step ensemble" if sampler is None else label(sampler, bundle.precision),
-               "iterations": iterations, "rule": rule if iterations else "-", "precision": bundle.precision,
-               "kind": used.kind, "num_steps": used.num_steps, "s_churn": used.s_churn,
-               "calls": 0 if sampler is None else used.calls_per_sample,
-               "generated_per_s": rollout_speed(bundle, used, iterations, args.batch, args.seed, refine),
-               "fidelity": fidelity_row(setup, used, iterations, args.seed, log=lambda *a: None, rule=rule)}
-        if args.also_threads:
-            torch.set_num_threads(args.also_threads)
-            row["generated_per_s_also"] = rollout_speed(bundle, used, iterations, args.batch, args.seed, refine)
-            torch.set_num_threads(args.threads)
-        bundle.set_precision("float32")
+        with bundle.serving(precision):  # the fidelity methods, too, use the bundle's precision
+            row = {"label": "single-step ensemble" if sampler is None else label(sampler, bundle.precision),
+                   "iterations": iterations, "rule": rule if iterations else "-", "precision": bundle.precision,
+                   "kind": used.kind, "num_steps": used.num_steps, "s_churn": used.s_churn,
+                   "calls": 0 if sampler is None else used.calls_per_sample,
+                   "generated_per_s": rollout_speed(bundle, used, iterations, args.batch, args.seed, refine),
+                   "fidelity": fidelity_row(setup, used, iterations, args.seed, log=lambda *a: None, rule=rule)}
+            if args.also_threads:
+                torch.set_num_threads(args.also_threads)
+                row["generated_per_s_also"] = rollout_speed(bundle, used, iterations, args.batch, args.seed, refine)
+                torch.set_num_threads(args.threads)
         results["rows"].append(row)
         pd = row["fidelity"]["policy-driven"]
         print(f"[samplers] {row['label']:24s} M={iterations} {row['rule']:7s}: {row['generated_per_s']:8,.0f}/s, "
