@@ -197,13 +197,14 @@ def timed_run(env, agent: Agent, steps: int, seed: int) -> dict:
 
 
 def bench_env(bundle, num_envs: int, agent_kind: str, steps: int, seed: int = 0, sampler=None,
-              num_iterations: int = EnvConfig.num_iterations, precision: str = EnvConfig.precision) -> dict:
+              num_iterations: int = EnvConfig.num_iterations, precision: str = EnvConfig.precision,
+              horizon: int | None = None) -> dict:
     from dydiff_env import DydiffEnv
 
     actor = behaviour_actor(bundle, seed)
     with PeakMemory() as mem:
         env = DydiffEnv(num_envs, bundle=bundle, task=bundle.task.name, sampler=sampler, num_iterations=num_iterations,
-                        precision=precision)
+                        precision=precision, horizon=horizon)
         env.set_policy(lambda obs: actor.act(obs, deterministic=True))  # every agent's env has the handle set
         row = timed_run(env, Agent(agent_kind, num_envs, bundle.act_dim, actor, seed), steps, seed)
         stats = dict(env.stats)
@@ -341,6 +342,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--env-precision", default=EnvConfig.precision, choices=PRECISIONS,
                    help=f"EnvConfig.precision of the env runs and of the dydiff_rollout rows (default "
                         f"{EnvConfig.precision})")
+    p.add_argument("--env-horizon", type=int, default=None,
+                   help="transitions per plan (default: the env's, 3/4 of the diffusion window)")
+    p.add_argument("--agents", nargs="+", default=list(AGENTS), choices=AGENTS,
+                   help=f"the agents to run (default all: {' '.join(AGENTS)})")
     p.add_argument("--quick", action="store_true", help="a few seconds: tiny batch, few steps, small env sizes")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0)
@@ -393,6 +398,7 @@ def main(argv=None) -> dict:
     results["meta"]["env_sampler_steps"] = env_sampler.num_steps
     results["meta"]["env_sampler"] = f"{env_sampler.kind} {env_sampler.num_steps}-step"
     results["meta"]["env_iterations"] = args.env_iterations
+    results["meta"]["env_horizon"] = args.env_horizon
     results["meta"]["env_precision"] = args.env_precision
     results.update(rollout=[], real=[], env=[])
 
@@ -414,15 +420,15 @@ def main(argv=None) -> dict:
             record("rollout", bench_rollout(bundle, "M=2, reference sampler (heun 34)", 2, reference, args.batch,
                                             args.seed))
         record("rollout", bench_rollout(bundle, "M=0 (single-step ensemble)", 0, sampler, args.batch, args.seed))
-    plan_steps = args.plan_steps or 5 * max(1, 3 * bundle.diffusion.horizon // 4)
+    plan_steps = args.plan_steps or 5 * (args.env_horizon or max(1, 3 * bundle.diffusion.horizon // 4))
     results["meta"]["plan_steps"] = plan_steps
     for n in args.num_envs:
         record("real", bench_real(bundle.task.env_id, n, args.steps, args.seed))
     for n in args.num_envs:
-        for agent in AGENTS:
+        for agent in args.agents:
             steps = plan_steps if agent == "handle" else args.steps
             record("env", bench_env(bundle, n, agent, steps, args.seed, env_sampler, args.env_iterations,
-                                    args.env_precision))
+                                    args.env_precision, args.env_horizon))
     results["meta"]["wall_s"] = time.perf_counter() - t_start
 
     print(markdown(results))

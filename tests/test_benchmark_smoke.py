@@ -17,6 +17,15 @@ def _load_script():
     return module
 
 
+def test_throughput_runs_a_subset_of_agents_with_another_plan_length(tiny_bundle, tmp_path):
+    bench = _load_script()
+    out = tmp_path / "throughput.json"
+    results = bench.main(["--bundle", str(tiny_bundle), "--quick", "--steps", "2", "--batch", "4", "--num-envs", "2",
+                          "--agents", "handle", "--env-horizon", "5", "--out", str(out)])
+    assert [(r["num_envs"], r["agent"]) for r in results["env"]] == [(2, "handle")]
+    assert results["meta"]["env_horizon"] == 5 and results["env"][0]["plan_share"] > 0.5
+
+
 def test_throughput_quick(tiny_bundle, tmp_path, capsys):
     bench = _load_script()
     out = tmp_path / "results" / "throughput.json"
