@@ -361,7 +361,8 @@ class Bundle:
     @contextlib.contextmanager
     def serving(self, precision: str | None):
         """The simulator's networks in `precision` inside the block (`set_precision`), as before after it; None
-        changes nothing."""
+        changes nothing. It switches the shared models, so two threads using one Bundle in different precisions
+        at once would see each other's setting: give each thread its own `load_bundle`."""
         if precision is None:
             yield self
             return
