@@ -80,3 +80,14 @@ def test_rollout_precision_is_for_the_call(tiny_bundle):
     b = dydiff_rollout(bundle, s0, behaviour_policy(bundle, gen), horizon=8, generator=gen, precision="bfloat16")
     assert bundle.precision == "float32"
     assert torch.equal(b.next_obs, rollout(load_bundle(tiny_bundle, precision="bfloat16"), s0).next_obs)
+
+
+def test_auto_is_float32_on_a_cpu_without_native_bf16(monkeypatch):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    assert not native_bfloat16("cpu") and resolve_precision("auto", "cpu") == "float32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve_precision("auto", "cpu") == "bfloat16"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert resolve_precision("auto", "cpu") == "float32"  # a torch without the checks counts as no
