@@ -623,12 +623,12 @@ class DydiffEnv(gym.vector.VectorEnv):
             reward[off] = self.bundle.reward(x, u) - cfg.uncertainty_penalty * disagreement[off]
         finite = torch.isfinite(next_obs).all(1) & torch.isfinite(reward) & torch.isfinite(disagreement)
         diverged = finite & runaway(next_obs, self._obs_mean, self._obs_std, cfg.max_state_std)
-        finite = finite & ~diverged  # from here on: a state the agent may see
-        term = torch.as_tensor(self.task.terminated(next_obs)) & finite
+        usable = finite & ~diverged  # a state the agent may see
+        term = torch.as_tensor(self.task.terminated(next_obs)) & usable
         # a non-finite or diverged model output ends the episode; the agent sees its last observation again
-        next_obs = torch.where(finite[:, None], next_obs, s.obs[tid])
-        reward = torch.where(finite, reward, torch.zeros_like(reward))
-        disagreement = torch.where(finite, disagreement, torch.zeros_like(disagreement))
+        next_obs = torch.where(usable[:, None], next_obs, s.obs[tid])
+        reward = torch.where(usable, reward, torch.zeros_like(reward))
+        disagreement = torch.where(usable, disagreement, torch.zeros_like(disagreement))
 
         xv = self.task.x_velocity_index
         s.x_position[ids] = integrate_x(s.x_position[ids], s.obs[tid, xv].cpu().numpy(), next_obs[:, xv].cpu().numpy(),
@@ -640,11 +640,11 @@ class DydiffEnv(gym.vector.VectorEnv):
         s.wants_next[ids] &= follows
         s.elapsed[ids] += 1
         finite_np, term_np, dis_np = finite.cpu().numpy(), term.cpu().numpy(), disagreement.cpu().numpy()
-        diverged_np = diverged.cpu().numpy()
+        usable_np, diverged_np = usable.cpu().numpy(), diverged.cpu().numpy()
         uncertain = np.zeros(len(ids), dtype=bool)
         if cfg.max_disagreement is not None:
             uncertain = ~follows & (dis_np > cfg.max_disagreement)
-        trunc_np = ~finite_np | uncertain
+        trunc_np = ~usable_np | uncertain
         if self.max_episode_steps is not None:
             trunc_np |= s.elapsed[ids] >= self.max_episode_steps
         s.wants_next[ids] &= ~(term_np | trunc_np)
@@ -661,12 +661,12 @@ class DydiffEnv(gym.vector.VectorEnv):
         infos["mode"][ids] = np.where(follows, "plan", "model")
         infos["disagreement"][ids] = dis_np
         infos["replanned"][go_on] = True
-        infos["nonfinite"][ids] = ~finite_np & ~diverged_np
+        infos["nonfinite"][ids] = ~finite_np
         infos["diverged"][ids] = diverged_np
         self.stats["plan_steps"] += int(follows.sum())
         self.stats["model_steps"] += int((~follows).sum())
         self.stats["uncertain"] += int(uncertain.sum())
-        self.stats["nonfinite"] += int((~finite_np & ~diverged_np).sum())
+        self.stats["nonfinite"] += int((~finite_np).sum())
         self.stats["diverged"] += int(diverged_np.sum())
 
     def _count_pool_starts(self, s: EnvState, ids: np.ndarray, follows: np.ndarray) -> None:

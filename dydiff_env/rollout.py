@@ -246,7 +246,8 @@ def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generat
     length = window if num_iterations > 0 else horizon + 1
     batch = s0.shape[0]
     rows = torch.arange(first_row, first_row + batch)  # trajectory indices, for time-indexed policies
-    obs_var = torch.as_tensor(bundle.normalizer("obs").std, dtype=s0.dtype, device=s0.device) ** 2
+    obs_norm = bundle.normalizer("obs")
+    obs_var = torch.as_tensor(obs_norm.std, dtype=s0.dtype, device=s0.device) ** 2
 
     # 1. initial trajectory from the single-step ensemble
     states = [s0]
@@ -291,7 +292,7 @@ def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generat
     _, disagreement = bundle.dynamics.predict(obs.reshape(-1, obs_dim), acts.reshape(-1, act_dim), mode="mean")
     disagreement = disagreement.reshape(obs.shape[:2])
     finite = torch.isfinite(next_obs).all(-1) & torch.isfinite(rewards) & torch.isfinite(obs).all(-1)
-    obs_mean = torch.as_tensor(bundle.normalizer("obs").mean, dtype=s0.dtype, device=s0.device)
+    obs_mean = torch.as_tensor(obs_norm.mean, dtype=s0.dtype, device=s0.device)
     diverged = finite & runaway(next_obs, obs_mean, obs_var.sqrt(), max_state_std)
     usable = finite & ~diverged
     terminated = torch.as_tensor(bundle.task.terminated(next_obs), device=obs.device) | ~usable
