@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .config import MAX_STATE_STD, FilterConfig, RefineConfig, SamplerConfig
-from .models import edm_sample, student_sample
+from .models import DynamicsEnsemble, edm_sample, student_sample
 
 Policy = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 
@@ -203,7 +203,7 @@ def runaway(states: torch.Tensor, obs_mean: torch.Tensor, obs_std: torch.Tensor,
 def elite_spread(means: torch.Tensor, obs_var: torch.Tensor) -> torch.Tensor:
     """(B,) the elites' variance of their predicted next states (means (E, B, obs)), mean over dimensions, in
     dataset-std units: one step's term of the ensemble's running variance estimate v."""
-    return (means.var(0, unbiased=False) / obs_var).mean(-1)
+    return (DynamicsEnsemble.member_variance(means) / obs_var).mean(-1)
 
 
 def diffusion_weight(step_variance: torch.Tensor, refine: RefineConfig,

@@ -322,6 +322,33 @@ def _fit_context(tmp_path):
     return ctx, MetricsLog(tmp_path / "metrics.csv")
 
 
+def test_member_variance_is_the_biased_variance_over_members():
+    means = torch.randn(5, 7, 3, dtype=torch.float64)
+    torch.testing.assert_close(DynamicsEnsemble.member_variance(means), means.var(0, unbiased=False))
+
+
+def test_bfloat16_serving_equals_autocast_and_follows_weight_updates():
+    """The ensemble serves bf16 by casting its (kept) weights: bit for bit what autocast computes, without
+    casting the weights again at every call; a weight update is seen."""
+    torch.manual_seed(0)
+    model = DynamicsEnsemble(4, 2, ensemble_size=5, num_elites=3, hidden=(16, 16))
+    model.set_elites(torch.tensor([0.3, 0.1, 0.5, 0.2, 0.4]))
+    obs, act = torch.randn(6, 4), torch.randn(6, 2)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = model.forward_normalized(obs, act, model.elites)
+        model.precision = "bfloat16"
+        got = model.forward_normalized(obs, act, model.elites)
+        for e, g in zip(expected, got):
+            assert g.dtype == torch.float32 and torch.equal(g, e)
+        model.net.layers[1].weight.add_(0.5)
+        moved = model.forward_normalized(obs, act, model.elites)[0]
+        model.precision = "float32"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(moved, model.forward_normalized(obs, act, model.elites)[0])
+        assert not torch.equal(moved, got[0])
+
+
 def test_elite_predictions_use_only_the_elites_and_follow_weight_updates():
     torch.manual_seed(0)
     model = DynamicsEnsemble(4, 2, ensemble_size=5, num_elites=3, hidden=(16, 16))

@@ -31,11 +31,16 @@ class EnsembleMLP(nn.Module):
         self.activation = activation()
         self.members = members
 
-    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
         """(K, B, in) or (B, in) -> (K, B, out); with `members`, only those members are evaluated (K = their
-        count), e.g. the elites of a dynamics ensemble at inference."""
-        weights = ([(layer.weight, layer.bias) for layer in self.layers] if members is None
-                   else self._member_weights(members))
+        count), e.g. the elites of a dynamics ensemble at inference. `dtype` (e.g. bfloat16 for serving): the
+        input and the weights are cast to it and the output has it; without autograd the cast weights are
+        kept, so a serving step does not cast them again (what autocast does on every call, and what made
+        bf16 slower than float32 at small batches)."""
+        weights = self._weights(members, dtype)
+        if dtype is not None:
+            x = x.to(dtype)
         if x.dim() == 2:  # the same batch for every member
             x = x.unsqueeze(0).expand(weights[0][0].shape[0], -1, -1)
         for i, (weight, bias) in enumerate(weights):
@@ -44,18 +49,24 @@ class EnsembleMLP(nn.Module):
                 x = self.activation(x)
         return x
 
-    def _member_weights(self, members: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The members' weights, gathered into contiguous tensors once and reused while neither the members
-        nor any weight changes (a weight update bumps its version). With autograd on they are gathered anew,
-        so gradients flow to the parameters."""
+    def _weights(self, members: torch.Tensor | None, dtype: torch.dtype | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (members') weights in `dtype`. With autograd on they are gathered and cast anew, so gradients
+        flow to the parameters; without, they are gathered into contiguous tensors once and reused while
+        neither the members, the dtype nor any weight changes (a weight update bumps its version)."""
+        if members is None and dtype is None:
+            return [(layer.weight, layer.bias) for layer in self.layers]
         if torch.is_grad_enabled():
-            return [(layer.weight[members], layer.bias[members]) for layer in self.layers]
-        key = (members.tolist(), [(p.data_ptr(), p._version) for p in self.parameters()])
-        if getattr(self, "_gathered_key", None) != key:
-            self._gathered = [(layer.weight[members].contiguous(), layer.bias[members].contiguous())
-                              for layer in self.layers]
-            self._gathered_key = key
-        return self._gathered
+            weights = [(layer.weight, layer.bias) if members is None else (layer.weight[members], layer.bias[members])
+                       for layer in self.layers]
+            return weights if dtype is None else [(w.to(dtype), b.to(dtype)) for w, b in weights]
+        key = (None if members is None else members.tolist(), dtype,
+               [(p.data_ptr(), p._version) for layer in self.layers for p in (layer.weight, layer.bias)])
+        if getattr(self, "_cached_key", None) != key:
+            index = slice(None) if members is None else members
+            self._cached = [(layer.weight[index].to(dtype).contiguous(), layer.bias[index].to(dtype).contiguous())
+                            for layer in self.layers]
+            self._cached_key = key
+        return self._cached
 
     def weight_penalty(self, decays: tuple[float, ...]) -> torch.Tensor:
         """Sum over layers of decay * ||W||^2 / 2, with one decay per layer (the reference's MBPO values)."""
