@@ -363,8 +363,11 @@ class EnvConfig:
         pool plans only: a plan that must start where the agent is (a continuation, a first plan) is kept.
     refine: how each refinement round combines the diffusion sample with the current states (`RefineConfig`;
         also a dict of its fields).
-    pool_size: plans per pool generation (default: max(num_envs, 16)).
-    refresh_every: regenerate the pool after this many served steps (None: when it is used up).
+    pool_size: kept plans the pool holds; every rollout call for plans tops it up to this (default:
+        max(num_envs, 16)).
+    refresh_every: drop the pool and begin a new one once this many steps were served since it was begun
+        (top-ups do not restart the count), so no pool plan is older than that (None: never; plans are served
+        oldest first, so none is older than about pool_size episodes).
     action_tolerance: an action within this max-abs distance of the plan's action is on plan.
     rollout_dynamics: ensemble prediction inside plans ("elite_mean": one random elite's mean, the reference).
     model_dynamics: ensemble prediction of off-plan steps ("mean" of the elites is deterministic, so equal

@@ -22,6 +22,9 @@ Where plans come from. A plan costs a diffusion run, so no sub-env ever waits fo
 - The pool: episodes start from plans generated in batches from dataset states and filtered by predicted
   return (`filter`, default hardmax 60 %). The filter chooses among start states, so it applies to pool
   plans only; a plan that has to start where the agent already is (below) is kept whatever its return.
+  Every rollout call for plans also tops the pool up to `pool_size` kept plans in the same batch, so episode
+  starts rarely wait for a pool call of their own (a call's fixed cost, its sequential steps, is most of
+  its time at the sizes of continuation batches).
 - Continuations: an on-plan sub-env's plan-end state is known as soon as its plan is assigned, so its next
   plan is queued then and generated ahead. The queue is served by one batched rollout when the first queued
   sub-env reaches the last step of its plan, or together with a pool generation or first plans: an agent
@@ -319,13 +322,21 @@ class DydiffEnv(gym.vector.VectorEnv):
             order = kept.cpu().numpy()
             self.np_random.shuffle(order)
             fresh = Plans.from_rollout(rest.select(torch.as_tensor(order)))
-            s.pool = fresh if s.pool is None else s.pool.cat(fresh)
-            s.served_since_refresh = 0
+            if s.pool is None or len(s.pool) == 0:  # a new pool; a top-up keeps the age of the one it adds to
+                s.pool, s.served_since_refresh = fresh, 0
+            else:
+                s.pool = s.pool.cat(fresh)
             self.stats["pool_generations"] += 1
             self.stats["pool_plans"] += len(fresh)
         self.stats["rollout_calls"] += 1
         self.stats["first_plans"] += first
         self.stats["replans"] += len(queued)
+
+    def _pool_shortfall(self, s: EnvState) -> int:
+        """How many kept plans the pool lacks (0 while it is off). Every rollout call for plans tops the pool up
+        in the same batch: a separate pool call would pay again the fixed cost of a rollout (its sequential
+        single-step steps), which dominates at the batch sizes of continuations."""
+        return max(0, self.pool_size - (len(s.pool) if s.pool is not None else 0)) if s.pool_on else 0
 
     def _due_continuations(self, s: EnvState) -> np.ndarray:
         """Mask of the sub-envs whose queued continuation is still needed: on plan, and alive after the plan's end
@@ -594,8 +605,8 @@ class DydiffEnv(gym.vector.VectorEnv):
             acts_as_handle = ((a[probe] - handle).abs().amax(1) <= tol).cpu().numpy()
             s.probing[ids] = False
             if acts_as_handle.any():
-                self._generate(s, first_ids=ids[probe][acts_as_handle])
                 s.pool_on = True
+                self._generate(s, first_ids=ids[probe][acts_as_handle], pool_count=self._pool_shortfall(s))
         t = s.t[ids]
         plan_a = s.plan.actions[tid, torch.as_tensor(np.minimum(t, self.horizon - 1))]
         plan_length = s.plan.length[tid].cpu().numpy()  # the plans stay put below: continuations go to next_plan
@@ -605,7 +616,7 @@ class DydiffEnv(gym.vector.VectorEnv):
         # a follower about to use the last step of its plan needs its continuation now: serve the whole queue
         at_end = follows & (t + 1 >= plan_length)
         if (at_end & self._due_continuations(s)[ids]).any():
-            self._generate(s)
+            self._generate(s, pool_count=self._pool_shortfall(s))
 
         on, off = torch.as_tensor(follows), torch.as_tensor(~follows)
         next_obs = torch.empty_like(s.obs[tid])

@@ -383,7 +383,6 @@ def test_continuations_are_batched_and_ready_at_plan_ends(bundle, monkeypatch):
         continued += int(info["replanned"].sum())
     assert env.stats["model_steps"] == 0 and plan_steps > 0, "an agent that follows its plans never leaves them"
     assert continued > 0 and env.stats["replans"] >= continued
-    continuation_calls = [c for c in calls[1:] if c < 8]
     assert any(c > 1 for c in calls[1:]), f"continuations of several sub-envs share a call: {calls}"
     # a sub-env that leaves its plan costs no diffusion run, now or at its old plan's end
     before = len(calls)
@@ -392,7 +391,26 @@ def test_continuations_are_batched_and_ready_at_plan_ends(bundle, monkeypatch):
     env.step(off)
     assert env._state.on_plan[0] == False and not env._state.wants_next[0]  # noqa: E712
     assert all(c != 1 for c in calls[before:]), "no diffusion call for a single deviating sub-env"
-    del continuation_calls
+
+
+def test_plan_calls_top_the_pool_up_and_keep_its_age(bundle, monkeypatch):
+    """Every call for continuations also refills the pool in the same batch (no pool call of its own while
+    the agent follows its plans), and a top-up does not restart the pool's `refresh_every` clock."""
+    policy = fixed_policy(1)
+    env = DydiffEnv(4, bundle=bundle, policy=policy, horizon=3, max_episode_steps=None, refresh_every=10_000, **PLANS)
+    calls = count_rollout_calls(monkeypatch)
+    obs, _ = env.reset(seed=0)
+    topped_up = 0
+    for _ in range(12):
+        before, replans, pools = len(calls), env.stats["replans"], env.stats["pool_generations"]
+        pool_before, age = len(env._state.pool), env._state.served_since_refresh
+        obs, *_ = env.step(act_with(policy, obs))
+        if len(calls) == before + 1 and env.stats["replans"] > replans:  # one call, for continuations
+            assert len(env._state.pool) >= env.pool_size, "the call refilled the pool"
+            if env.stats["pool_generations"] > pools and pool_before > 0 and age > 4:
+                topped_up += 1  # a reset clock would be at most 4 (one step of 4 sub-envs) after this step
+                assert env._state.served_since_refresh > age, "a top-up keeps the pool's age"
+    assert topped_up > 0, f"no continuation call topped the pool up: {calls}"
 
 
 def test_auto_mode_plans_only_for_agents_that_act_as_the_handle(bundle, monkeypatch):
@@ -407,10 +425,12 @@ def test_auto_mode_plans_only_for_agents_that_act_as_the_handle(bundle, monkeypa
     assert calls == [] and env.stats["plan_steps"] == 0
     obs, _ = env.reset()
     obs, *_, info = env.step(act_with(policy, obs))  # the handle's actions: first plans, in one call
-    assert (info["mode"] == "plan").all() and calls == [4] and env.stats["first_plans"] == 4
-    assert env._state.pool_on
-    env.reset()  # the pool is on: episodes now start from filtered pool plans
-    assert len(calls) == 2 and env.stats["pool_generations"] == 1
+    # which also fills the pool, now switched on, for the episodes to come
+    assert (info["mode"] == "plan").all() and calls == [4 + math.ceil(8 / 0.6)] and env.stats["first_plans"] == 4
+    kept = math.ceil(0.6 * math.ceil(8 / 0.6))  # the filter keeps ceil(0.6 x 14) = 9 of the 14 candidates
+    assert env._state.pool_on and len(env._state.pool) == kept and env.stats["pool_generations"] == 1
+    env.reset()  # episodes now start from filtered pool plans, without another call
+    assert len(calls) == 1 and len(env._state.pool) == kept - 4
     # an agent that leaves every pool plan at its first action switches the pool off again
     for _ in range(10):
         env.step(rng.uniform(-1, 1, (4, 3)))
