@@ -135,7 +135,8 @@ def add_common_args(parser: argparse.ArgumentParser, steps: int, rollout_every: 
     parser.add_argument("--no-dydiff", action="store_true", help="same budget on real data only (the baseline)")
     parser.add_argument("--rollout-every", type=int, default=rollout_every, help="gradient steps between rollouts")
     parser.add_argument("--rollout-starts", type=int, default=rollout_starts, help="start states per rollout")
-    parser.add_argument("--horizon", type=int, default=None, help="rollout horizon (default: the bundle's)")
+    parser.add_argument("--horizon", type=int, default=None,
+                        help="rollout horizon (default: dydiff_rollout's, 3/4 of the bundle's diffusion window)")
     parser.add_argument("--refine", default=refine, choices=sorted(REFINE_CHOICES),
                         help="how DyDiff combines diffusion samples with the single-step states (docs/fidelity.md): "
                              "default (the env's: the gated uncertainty blend), ungated (the blend without its gate), "
@@ -154,7 +155,8 @@ def run_offline(name: str, make_agent: Callable[[OfflineData, str], object], arg
     """Build data, env and trainer from the common flags, train, and print the real-simulator score."""
     from dataclasses import replace
 
-    from dydiff_env.env import DydiffEnv
+    from dydiff_env.env import DydiffEnv, resolve_bundle
+    from dydiff_env.rollout import default_horizon
 
     from .trainer import OfflineTrainer, TrainerConfig
 
@@ -168,8 +170,12 @@ def run_offline(name: str, make_agent: Callable[[OfflineData, str], object], arg
     data = ensure_dataset(dataset_id, seed=args.seed)
     rollout_fn = None
     if not args.no_dydiff:
-        env = DydiffEnv(num_envs=1, bundle=args.bundle, task=data.env_id or "hopper", horizon=args.horizon,
-                        num_iterations=args.iterations, device=args.device, refine=REFINE_CHOICES[args.refine])
+        bundle = resolve_bundle(args.bundle, data.env_id or "hopper", args.device)
+        # the rollouts' horizon is dydiff_rollout's (3/4 of the window), not the env's plan length (the whole
+        # window): the paper's rule, which the main job uses, is least accurate in the window's last rows
+        horizon = args.horizon or default_horizon(bundle.diffusion.horizon)
+        env = DydiffEnv(num_envs=1, bundle=bundle, horizon=horizon, num_iterations=args.iterations,
+                        device=args.device, refine=REFINE_CHOICES[args.refine])
         if args.sampler_steps:
             env.sampler = replace(env.sampler, num_steps=args.sampler_steps)
         check_dataset_matches(env.bundle, data)  # warns when the bundle learned another version of this dataset

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from dydiff_env import behaviour_policy, dydiff_rollout, load_bundle, shipped_bundle_path
+from dydiff_env.rollout import default_horizon
 from dydiff_env.config import SamplerConfig
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "constant-factors.json"
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     starts = bundle.start_states["observations"]
     s0 = torch.as_tensor(starts[np.random.default_rng(args.seed).integers(0, len(starts), size=args.batch)])
     obs_std = torch.as_tensor(bundle.normalizer("obs").std, dtype=torch.float32)
-    horizon = 3 * bundle.diffusion.horizon // 4  # what the env serves of each window: 48 of 64 rows
+    horizon = default_horizon(bundle.diffusion.horizon)  # dydiff_rollout's: 48 of 64 rows
     generated = args.batch * horizon
 
     def run(label, shipped=False, **kwargs):

@@ -39,7 +39,7 @@ Methods (--methods):
 - behaviour-prior: DyDiff (M = 2, the paper's rule) driven by the bundle's stochastic BC policy, i.e. the regime's actions are
   *not* injected (what a diffusion model without policy injection would predict). It is one computation
   shared by both regimes; only the true trajectory it is compared with differs;
-- env: `DydiffEnv` with its default settings (plans="auto", M = 2 with the default refinement, plans of 3/4 of the window continued at
+- env: `DydiffEnv` with its default settings (plans="auto", M = 2 with the default refinement, plans of the window minus one step (`--env-horizon`) continued at
   their ends; filter "none", no time limit) started at the same states (`reset_to`), with the learning policy
   as its handle, and stepped with the regime's actions. policy-driven: the agent acts as the handle, so the env
   serves DyDiff plans (the first from the start state, matching dydiff-M2-u-g4 up to sampling noise, then their
@@ -263,24 +263,24 @@ def simulate(env_id: str, qpos: np.ndarray, qvel: np.ndarray,
 
 
 def fidelity_env(bundle: Bundle, num_envs: int, sampler: SamplerConfig, dynamics_mode: str, num_iterations: int,
-                 **render) -> DydiffEnv:
-    """The `env` method's DydiffEnv: default plans, no filter, no time limit, the bundle's precision (`render`:
-    render_mode, width...)."""
+                 plan_horizon: int | None = None, **render) -> DydiffEnv:
+    """The `env` method's DydiffEnv: default plans (of `plan_horizon` steps; None: the env's default), no filter,
+    no time limit, the bundle's precision (`render`: render_mode, width...)."""
     return DydiffEnv(num_envs=num_envs, bundle=bundle, num_iterations=num_iterations, sampler=sampler, filter="none",
                      pool_size=min(num_envs, 16), max_episode_steps=None, rollout_dynamics=dynamics_mode,
-                     model_dynamics=dynamics_mode, precision=bundle.precision, **render)
+                     model_dynamics=dynamics_mode, precision=bundle.precision, horizon=plan_horizon, **render)
 
 
 def env_rollout(bundle: Bundle, start_obs: np.ndarray, act: Callable[[int, np.ndarray], np.ndarray],
                 plan_policy: TorchPolicy | None, horizon: int, sampler: SamplerConfig, seed: int,
-                dynamics_mode: str = "elite_mean", num_iterations: int = 2) -> Trajectories:
+                dynamics_mode: str = "elite_mean", num_iterations: int = 2, plan_horizon: int | None = None) -> Trajectories:
     """`DydiffEnv` (default plans and continuations) with N sub-envs started at `start_obs` and stepped with
     `act(t, obs (N, D))` for `horizon` steps; `plan_policy` is its policy handle (None: none). A sub-env's
     trajectory ends at its first termination or non-finite truncation (recorded as termination, as
     `dydiff_rollout` does); later steps (the env auto-resets it) are not used."""
     n = len(start_obs)
     start = time.perf_counter()
-    env = fidelity_env(bundle, n, sampler, dynamics_mode, num_iterations)
+    env = fidelity_env(bundle, n, sampler, dynamics_mode, num_iterations, plan_horizon)
     if plan_policy is not None:
         env.set_policy(plan_policy, input="torch")
     obs, _ = env.reset_to(start_obs, seed=seed)
@@ -379,8 +379,9 @@ def _generator(seed: int, method: str) -> torch.Generator:
 def evaluate_methods(bundle: Bundle, start_obs: np.ndarray, truth: Trajectories, regime: str, methods: list[str],
                      action_fn: TorchPolicy, step_act: Callable[[int, np.ndarray], np.ndarray],
                      plan_policy: TorchPolicy | None, horizon: int, sampler: SamplerConfig, seed: int,
-                     dynamics_mode: str, shared: dict, log=print) -> dict:
-    """Every requested method's trajectories from `start_obs` and their metrics against `truth`."""
+                     dynamics_mode: str, shared: dict, log=print, env_horizon: int | None = None) -> dict:
+    """Every requested method's trajectories from `start_obs` and their metrics against `truth` (`env_horizon`:
+    the env method's plan length; None: the env's default)."""
     std = np.asarray(bundle.normalizer("obs").std, np.float64)
     out = {}
     s0 = torch.as_tensor(start_obs, dtype=torch.float32)
@@ -397,7 +398,8 @@ def evaluate_methods(bundle: Bundle, start_obs: np.ndarray, truth: Trajectories,
                 note = "shared: the same trajectories (and wall time) as in the other regime"
             traj = shared["behaviour-prior"]
         elif method == "env":
-            traj = env_rollout(bundle, start_obs, step_act, plan_policy, horizon, sampler, seed, dynamics_mode, m)
+            traj = env_rollout(bundle, start_obs, step_act, plan_policy, horizon, sampler, seed, dynamics_mode, m,
+                               env_horizon)
         else:
             begin = time.perf_counter()
             # teacher-forced: `action_fn` replays the recorded actions (a time-indexed policy)
@@ -438,6 +440,7 @@ class Setup:
     regime_inputs: dict
     checks: dict
     out_dir: Path
+    env_horizon: int | None = None  # the env method's plan length (None: the env's default)
 
 
 def prepare(args: argparse.Namespace, log=print) -> Setup:
@@ -463,8 +466,13 @@ def prepare(args: argparse.Namespace, log=print) -> Setup:
     horizon = args.horizon or (min(QUICK["horizon"], max_h) if quick and max_h else max_h)
     if horizon is None:
         raise ValueError("pass --horizon: this bundle has no diffusion model to take a default from")
-    if max_h is not None and any(m > 0 for m in iterations) and not 1 <= horizon <= max_h:
-        raise ValueError(f"--horizon must be in [1, {max_h}] for this bundle's diffusion window of {window} rows")
+    # the env re-plans at its plans' ends, so only the other diffusion methods are bound to one window
+    one_window = [m for m, it in zip(methods, iterations) if it > 0 and m != "env"]
+    if max_h is not None and one_window and not 1 <= horizon <= max_h:
+        raise ValueError(f"--horizon must be in [1, {max_h}] for this bundle's diffusion window of {window} rows "
+                         f"(methods {', '.join(one_window)}; only ensemble and env run longer)")
+    if horizon < 1:
+        raise ValueError(f"--horizon must be positive, got {horizon}")
     num_starts = args.num_starts or (QUICK if quick else FULL)["num_starts"]
     policy_steps = args.policy_steps or (QUICK if quick else FULL)["policy_steps"]
     sampler = bundle.config.sampler
@@ -528,7 +536,7 @@ def prepare(args: argparse.Namespace, log=print) -> Setup:
     if replay_diff > 1e-4 or start_diff > 1e-4:
         warnings.warn(f"the simulator replay differs from the dataset (max abs diff {max(replay_diff, start_diff):.2g})")
     return Setup(bundle, bundle_path, data, rows, eligible, start_obs, horizon, window, sampler, methods, policy,
-                 policy_info, truths, regime_inputs, checks, out_dir)
+                 policy_info, truths, regime_inputs, checks, out_dir, getattr(args, "env_horizon", None))
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
@@ -542,7 +550,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                    "policy_info": setup.policy_info, "num_starts": int(len(rows)), "eligible_starts": setup.eligible,
                    "horizon": horizon, "window": setup.window, "seed": args.seed, "sampler_steps": sampler.num_steps,
                    "sampler_kind": sampler.kind, "precision": bundle.precision, "dynamics_mode": args.dynamics_mode, "filter": "none",
-                   "methods": setup.methods, "quick": args.quick, "threads": torch.get_num_threads(),
+                   "methods": setup.methods, "env_horizon": setup.env_horizon, "quick": args.quick, "threads": torch.get_num_threads(),
                    "obs_std": std.tolist()},
         "starts": {"rows": rows.tolist()},
         "checks": setup.checks,
@@ -553,7 +561,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         action_fn, step_act, plan_policy = setup.regime_inputs[regime]
         regime_methods = [m for m in setup.methods if regime in REGIMES[:2] or m != "behaviour-prior"]
         per_method = evaluate_methods(bundle, setup.start_obs, truth, regime, regime_methods, action_fn, step_act,
-                                      plan_policy, horizon, sampler, args.seed, args.dynamics_mode, shared, log)
+                                      plan_policy, horizon, sampler, args.seed, args.dynamics_mode, shared, log,
+                                      setup.env_horizon)
         curves = {m: {k: np.asarray(v, np.float64) for k, v in r["state_error"].items()} for m, r in per_method.items()}
         crossover = {m: crossover_horizon(curves[m], curves["ensemble"]) for m in per_method
                      if m.startswith("dydiff-") and "ensemble" in curves}
@@ -590,7 +599,8 @@ def write_video(setup: Setup, dynamics_mode: str, seed: int, log=print) -> str |
 
     begin = time.perf_counter()
     size = fidelity_video.PANEL
-    env = fidelity_env(setup.bundle, count, setup.sampler, dynamics_mode, ITERATIONS["env"], render_mode="rgb_array",
+    env = fidelity_env(setup.bundle, count, setup.sampler, dynamics_mode, ITERATIONS["env"], setup.env_horizon,
+                       render_mode="rgb_array",
                        width=size, height=size)
     try:
         truth = fidelity_video.real_frames(setup.bundle.task.env_id, setup.data.qpos[rows], setup.data.qvel[rows], act,
@@ -638,7 +648,9 @@ def markdown_table(results: dict) -> str:
     out = [f"Fidelity against {results['config']['dataset']} replayed in the simulator: "
            f"{results['config']['num_starts']} starts, H={horizon}, policy {results['config']['policy']}, "
            f"sampler {results['config'].get('sampler_kind', 'heun')} {results['config']['sampler_steps']} steps, precision "
-           f"{results['config'].get('precision', 'float32')}, filter none. State error: mean |model - true| / "
+           f"{results['config'].get('precision', 'float32')}, filter none"
+           + (f", env plans of {results['config']['env_horizon']} steps" if results["config"].get("env_horizon") else "")
+           + ". State error: mean |model - true| / "
            "dataset std (mean +- 95% CI over the starts still alive at h; n@H: starts compared at H)."]
     for regime, r in results["regimes"].items():
         t = r["truth"]
@@ -730,6 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion sampler (default: the bundle's; see dydiff_env.SamplerConfig; student: the "
                         "bundle's distilled student, with --sampler-steps K of its noise levels)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (default all)")
+    p.add_argument("--env-horizon", type=int, default=None,
+                   help="plan length of the env method (default: the env's). --horizon may exceed the diffusion "
+                        "window when the methods are ensemble and env only: the env re-plans")
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="serving precision of the bundle's networks (Bundle.set_precision; default float32; auto: "
                         "bfloat16 where the CPU has native bf16)")

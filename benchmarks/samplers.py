@@ -86,11 +86,12 @@ def rollout_speed(bundle, sampler: SamplerConfig, iterations: int, batch: int, s
                   refine: RefineConfig | None = None) -> float:
     """Generated transitions per second of one `dydiff_rollout` (the throughput benchmark's measurement)."""
     from dydiff_env import behaviour_policy, dydiff_rollout
+    from dydiff_env.rollout import default_horizon
 
     starts = bundle.start_states["observations"]
     s0 = torch.as_tensor(starts[np.random.default_rng(seed).integers(0, len(starts), size=batch)])
     generator = torch.Generator().manual_seed(seed)
-    horizon = max(1, 3 * bundle.diffusion.horizon // 4)
+    horizon = default_horizon(bundle.diffusion.horizon)
     begin = time.perf_counter()
     dydiff_rollout(bundle, s0, behaviour_policy(bundle, generator), horizon=horizon, num_iterations=iterations,
                    sampler=sampler, generator=generator, refine=refine)

@@ -356,7 +356,9 @@ class EnvConfig:
     plans: "auto" - serve DyDiff plans of the policy handle to sub-envs whose agent follows them (an agent
         that does not is never made to wait for one); "always" - start every episode from a pool plan (the
         bundle's behaviour-cloning policy plans when no handle is set); "never" - single-step model only.
-    horizon: transitions per plan (default: three quarters of the diffusion window).
+    horizon: transitions per plan (default: the diffusion window minus one, `env.default_plan_horizon`; with the
+        paper's refinement rule, `refine=RefineConfig(blend="average")`, three quarters of the window are more
+        faithful: `rollout.default_horizon`).
     num_iterations: DyDiff refinement rounds M of every plan (0: plans of the single-step ensemble).
     sampler: EDM sampler of the plans (default: the bundle's).
     filter: which pool plans are kept, by predicted return. It chooses among start states, so it applies to

@@ -122,9 +122,11 @@ def make_model_env(args, task: str):
     is truncated at the plan's end), from any dataset state."""
     from dydiff_env.adapters import make_tianshou_vec_env
     from dydiff_env.env import resolve_bundle
+    from dydiff_env.rollout import default_horizon
 
     bundle = resolve_bundle(args.bundle, task, args.device)
-    horizon = args.horizon or 3 * bundle.diffusion.horizon // 4  # the env's default plan length
+    # one plan per episode, as long as the main job's rollouts (dydiff_rollout's default, not the env's plans)
+    horizon = args.horizon or default_horizon(bundle.diffusion.horizon)
     env = make_tianshou_vec_env(args.num_envs, bundle=bundle, task=task, horizon=horizon,
                                 num_iterations=args.iterations, max_episode_steps=horizon,
                                 plans="always" if args.exploration_noise == 0 else "auto",

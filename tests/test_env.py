@@ -393,6 +393,13 @@ def test_continuations_are_batched_and_ready_at_plan_ends(bundle, monkeypatch):
     assert all(c != 1 for c in calls[before:]), "no diffusion call for a single deviating sub-env"
 
 
+def test_plans_take_the_whole_window_by_default(bundle):
+    window = bundle.diffusion.horizon
+    assert DydiffEnv(1, bundle=bundle, **FAST).horizon == window - 1
+    with pytest.raises(ValueError, match=f"horizon must be at most {window - 1}"):
+        DydiffEnv(1, bundle=bundle, horizon=window, **FAST)
+
+
 def test_plan_calls_top_the_pool_up_and_keep_its_age(bundle, monkeypatch):
     """Every call for continuations also refills the pool in the same batch (no pool call of its own while
     the agent follows its plans), and a top-up does not restart the pool's `refresh_every` clock."""

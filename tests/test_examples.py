@@ -34,6 +34,27 @@ def test_train_td3bc_example(tmp_path, tiny_bundle, tiny_dataset, dydiff):
     assert (tmp_path / "run" / "learning_curve.png").is_file()
 
 
+def test_trainer_rollouts_keep_three_quarters_of_the_window(tmp_path, tiny_bundle, tiny_dataset, monkeypatch):
+    """The env's plans take the whole window; the trainer's rollouts keep dydiff_rollout's horizon (the paper's
+    rule, which the main job uses, is least accurate in the window's last rows)."""
+    import dydiff_env.env as env_module
+    import examples.train_td3bc as example
+    from dydiff_env import load_bundle
+    from dydiff_env.rollout import default_horizon
+
+    horizons = []
+
+    class Recording(env_module.DydiffEnv):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            horizons.append(self.horizon)
+
+    monkeypatch.setattr(env_module, "DydiffEnv", Recording)
+    _run(example, tmp_path, tiny_bundle, ["--steps", "20", "--rollout-every", "10", "--eval-every", "20"])
+    window = load_bundle(tiny_bundle).diffusion.horizon
+    assert horizons == [default_horizon(window)] and default_horizon(window) < env_module.default_plan_horizon(window)
+
+
 def test_train_diffql_example(tmp_path, tiny_bundle, tiny_dataset):
     import examples.train_diffql as example
 

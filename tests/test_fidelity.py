@@ -255,6 +255,21 @@ def test_quick_run_writes_json_and_png(tiny_bundle, tiny_dataset, tmp_path, caps
     assert "| method |" in printed and "Headline (teacher-forced)" in printed
 
 
+def test_env_and_ensemble_run_past_the_window_with_the_plan_length_asked(tiny_bundle, tiny_dataset, tmp_path):
+    """The env re-plans at its plans' ends, so --horizon may exceed the diffusion window (16 rows here) when the
+    methods are ensemble and env; other diffusion methods are refused there. --env-horizon is its plan length."""
+    args = ["--bundle", str(tiny_bundle), "--dataset", TINY_DATASET_ID, "--policy", "bc", "-n", "4", "--horizon", "20",
+            "--sampler-steps", "2", "--threads", "1", "--quick", "--out", str(tmp_path)]
+    assert fidelity.main(args + ["--methods", "ensemble,env", "--env-horizon", "5"]) == 0
+    results = json.loads((tmp_path / "fidelity.json").read_text())
+    assert results["config"]["env_horizon"] == 5 and results["config"]["horizon"] == 20
+    env = results["regimes"]["policy-driven"]["methods"]["env"]
+    assert len(env["state_error"]["mean"]) == 20 and env["plan_share"] > 0.9  # served plans across re-plans
+    assert "env plans of 5 steps" in (tmp_path / "fidelity.md").read_text()
+    with pytest.raises(ValueError, match="only ensemble and env run longer"):
+        fidelity.main(args + ["--methods", "ensemble,dydiff-M2"])
+
+
 def test_sampler_benchmark_quick_run(tiny_bundle, tiny_dataset, tmp_path):
     from benchmarks import samplers
 
