@@ -2,7 +2,10 @@
 
 Serving only: training always runs in float32. A model's `precision` attribute ("float32" or "bfloat16", set
 by `Bundle.set_precision`) decides the dtype of its network's forward pass; its inputs, outputs and the
-arithmetic around the network stay float32. docs/samplers.md has the measured speed and fidelity.
+arithmetic around the network stay float32. The diffusion and reward networks run under bf16 autocast; the
+dynamics ensemble casts its input and weights itself (bit for bit what autocast computes) and keeps the cast
+weights between calls, since autocast would cast them again at every one of the rollout's sequential steps.
+docs/samplers.md has the measured speed and fidelity.
 """
 
 from __future__ import annotations
