@@ -39,9 +39,9 @@ Methods (--methods):
 - behaviour-prior: DyDiff (M = 2, the paper's rule) driven by the bundle's stochastic BC policy, i.e. the regime's actions are
   *not* injected (what a diffusion model without policy injection would predict). It is one computation
   shared by both regimes; only the true trajectory it is compared with differs;
-- env: `DydiffEnv` with its default settings (plans="auto", M = 2 with the default refinement, plans of the window minus one step (`--env-horizon`) continued at
-  their ends; filter "none", no time limit) started at the same states (`reset_to`), with the learning policy
-  as its handle, and stepped with the regime's actions. policy-driven: the agent acts as the handle, so the env
+- env: `DydiffEnv` with its default settings (plans="auto", M = 2 with the default refinement, plans of the
+  window minus one step (`--env-horizon`) continued at their ends; filter "none", no time limit) started at the
+  same states (`reset_to`), with the learning policy as its handle, and stepped with the regime's actions. policy-driven: the agent acts as the handle, so the env
   serves DyDiff plans (the first from the start state, matching dydiff-M2-u-g4 up to sampling noise, then their
   continuations); every other regime leaves the plan at the first step, so the env steps its single-step
   model (`model_dynamics`, by default one random elite's mean): these rows measure the env's own off-plan
@@ -273,7 +273,8 @@ def fidelity_env(bundle: Bundle, num_envs: int, sampler: SamplerConfig, dynamics
 
 def env_rollout(bundle: Bundle, start_obs: np.ndarray, act: Callable[[int, np.ndarray], np.ndarray],
                 plan_policy: TorchPolicy | None, horizon: int, sampler: SamplerConfig, seed: int,
-                dynamics_mode: str = "elite_mean", num_iterations: int = 2, plan_horizon: int | None = None) -> Trajectories:
+                dynamics_mode: str = "elite_mean", num_iterations: int = 2,
+                plan_horizon: int | None = None) -> Trajectories:
     """`DydiffEnv` (default plans and continuations) with N sub-envs started at `start_obs` and stepped with
     `act(t, obs (N, D))` for `horizon` steps; `plan_policy` is its policy handle (None: none). A sub-env's
     trajectory ends at its first termination or non-finite truncation (recorded as termination, as
@@ -550,7 +551,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
                    "policy_info": setup.policy_info, "num_starts": int(len(rows)), "eligible_starts": setup.eligible,
                    "horizon": horizon, "window": setup.window, "seed": args.seed, "sampler_steps": sampler.num_steps,
                    "sampler_kind": sampler.kind, "precision": bundle.precision, "dynamics_mode": args.dynamics_mode, "filter": "none",
-                   "methods": setup.methods, "env_horizon": setup.env_horizon, "quick": args.quick, "threads": torch.get_num_threads(),
+                   "methods": setup.methods, "env_horizon": setup.env_horizon, "quick": args.quick,
+                   "threads": torch.get_num_threads(),
                    "obs_std": std.tolist()},
         "starts": {"rows": rows.tolist()},
         "checks": setup.checks,
@@ -649,7 +651,8 @@ def markdown_table(results: dict) -> str:
            f"{results['config']['num_starts']} starts, H={horizon}, policy {results['config']['policy']}, "
            f"sampler {results['config'].get('sampler_kind', 'heun')} {results['config']['sampler_steps']} steps, precision "
            f"{results['config'].get('precision', 'float32')}, filter none"
-           + (f", env plans of {results['config']['env_horizon']} steps" if results["config"].get("env_horizon") else "")
+           + (f", env plans of {results['config']['env_horizon']} steps"
+              if results["config"].get("env_horizon") else "")
            + ". State error: mean |model - true| / "
            "dataset std (mean +- 95% CI over the starts still alive at h; n@H: starts compared at H)."]
     for regime, r in results["regimes"].items():

@@ -425,7 +425,8 @@ def main(argv=None) -> dict:
     # as long as the other agents' runs, and never under 5 plan lengths: a short run charges the user for the
     # plans generated ahead that it ends before serving (at 64 envs, 2 threads: 0.72x the real env over 240 steps,
     # 0.87x over 1,000, same code)
-    plan_steps = args.plan_steps or max(args.steps, 5 * (args.env_horizon or default_plan_horizon(bundle.diffusion.horizon)))
+    plan_length = args.env_horizon or default_plan_horizon(bundle.diffusion.horizon)
+    plan_steps = args.plan_steps or max(args.steps, 5 * plan_length)
     results["meta"]["plan_steps"] = plan_steps
     for n in args.num_envs:
         record("real", bench_real(bundle.task.env_id, n, args.steps, args.seed))

@@ -49,7 +49,8 @@ class EnsembleMLP(nn.Module):
                 x = self.activation(x)
         return x
 
-    def _weights(self, members: torch.Tensor | None, dtype: torch.dtype | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _weights(self, members: torch.Tensor | None,
+                 dtype: torch.dtype | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The (members') weights in `dtype`. With autograd on they are gathered and cast anew, so gradients
         flow to the parameters; without, they are gathered into contiguous tensors once and reused while
         neither the members, the dtype nor any weight changes (a weight update bumps its version)."""
