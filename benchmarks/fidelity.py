@@ -54,7 +54,9 @@ Metrics per horizon h = 1..H (see `fidelity_metrics`): normalised state error me
 (up to and including its terminal state); model states after a model's own predicted termination are still
 compared for the rollout methods (they exist), but not for the env (its episode has ended: such states are
 counted as `missing`). Also the error of the predicted H-step return (each summed up to its own first
-termination) against the true one, termination agreement per h, and wall time. Headline: the horizon from
+termination) against the true one, termination agreement per h, and wall time. Per regime, the return error
+of the bundle's reward model alone (on the simulator's own states and actions) is the part of every method's
+return error that better states cannot remove. Headline: the horizon from
 which each diffusion method's mean error stays below the ensemble's.
 
 Start states: N rows drawn without replacement (seeded) among the rows that have at least H more transitions
@@ -140,6 +142,7 @@ class Trajectories:
     seconds: float
     nonfinite: int = 0
     plan_share: float | None = None  # env only: the share of transitions served from DyDiff plans
+    actions: np.ndarray | None = None  # simulator only: (N, H, A), NaN after the end
 
     @classmethod
     def from_rollout(cls, result: RolloutResult, seconds: float) -> "Trajectories":
@@ -244,19 +247,34 @@ def simulate(env_id: str, qpos: np.ndarray, qvel: np.ndarray,
     states[:, 0] = obs0
     rewards = np.zeros((n, horizon))
     terminated = np.zeros((n, horizon), bool)
+    taken = None
     alive = np.ones(n, bool)
     for t in range(horizon):
         ids = np.flatnonzero(alive)
         if len(ids) == 0:
             break
         actions = np.asarray(act(t, states[ids, t], ids), dtype=np.float32).reshape(len(ids), -1)
+        if taken is None:
+            taken = np.full((n, horizon, actions.shape[1]), np.nan)
+        taken[ids, t] = actions
         for k, i in enumerate(ids):
             obs, reward, term, trunc, _ = envs[i].step(actions[k])
             states[i, t + 1], rewards[i, t], terminated[i, t] = obs, reward, term
             alive[i] = not (term or trunc)
     for env in envs:
         env.close()
-    return Trajectories(states, rewards, terminated, rewards.sum(1), time.perf_counter() - start)
+    return Trajectories(states, rewards, terminated, rewards.sum(1), time.perf_counter() - start, actions=taken)
+
+
+@torch.no_grad()
+def reward_model_return_error(bundle: Bundle, truth: Trajectories) -> dict[str, float]:
+    """The return error of the bundle's reward model alone: r(s, a) on the simulator's own states and actions,
+    summed like the true return. The part of every method's return error that better states cannot remove."""
+    taken = ~np.isnan(truth.actions[..., 0])
+    obs = torch.as_tensor(np.nan_to_num(truth.states[:, :-1]), dtype=torch.float32)
+    act = torch.as_tensor(np.nan_to_num(truth.actions), dtype=torch.float32)
+    predicted = bundle.reward(obs, act).double().cpu().numpy()
+    return return_error(np.where(taken, predicted, 0.0).sum(1), truth.returns)
 
 
 # -------------------------------------------------------------------------------------------- model methods
@@ -571,7 +589,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         lengths = trajectory_length(truth.terminated)
         results["regimes"][regime] = {
             "truth": {"seconds": round(truth.seconds, 3), "return_mean": float(truth.returns.mean()),
-                      "terminated_fraction": float(truth.terminated.any(1).mean()), "length_mean": float(lengths.mean())},
+                      "terminated_fraction": float(truth.terminated.any(1).mean()), "length_mean": float(lengths.mean()),
+                      "reward_model_return_error": reward_model_return_error(bundle, truth)},
             "methods": per_method, "crossover": crossover,
         }
     results["headline"] = headline(results)
@@ -657,8 +676,11 @@ def markdown_table(results: dict) -> str:
            "dataset std (mean +- 95% CI over the starts still alive at h; n@H: starts compared at H)."]
     for regime, r in results["regimes"].items():
         t = r["truth"]
+        floor = t.get("reward_model_return_error")
         out += ["", f"### {regime} (true return {t['return_mean']:.1f}, {100 * t['terminated_fraction']:.0f}% of true "
-                f"trajectories terminate, real simulator {t['seconds']:.1f}s)", "",
+                f"trajectories terminate, real simulator {t['seconds']:.1f}s"
+                + (f"; the reward model on the true states: return abs err {_fmt(floor['abs_mean'], 2)}" if floor else "")
+                + ")", "",
                 "| method | " + " | ".join(f"err h={h}" for h in cols)
                 + " | n@H | return abs err (rel) | term. agree @H | length (true) | return (true) | time s |",
                 "|---|" + "---|" * (len(cols) + 6)]

@@ -143,6 +143,29 @@ def test_simulator_replay_reproduces_the_tiny_dataset(tiny_dataset):
     alive = alive_mask(truth.terminated)
     np.testing.assert_allclose(truth.states[:, 1:][alive], data.next_observations[index][alive], atol=1e-5)
     np.testing.assert_array_equal(truth.terminated, data.terminations[index] & alive)
+    np.testing.assert_array_equal(truth.actions[alive], actions[alive])  # the actions taken are recorded
+
+
+def test_reward_model_return_error_sums_the_reward_model_over_the_true_steps():
+    # 3 trajectories of 4 steps; the second ends after 2 steps (NaN states and actions after it)
+    rng = np.random.default_rng(0)
+    states, actions = rng.normal(size=(3, 5, 2)), rng.normal(size=(3, 4, 1))
+    states[1, 3:], actions[1, 2:] = np.nan, np.nan
+    exact = np.nan_to_num(states[:, :-1].sum(-1) + actions[..., 0])
+    terminated = np.zeros((3, 4), bool)
+    terminated[1, 1] = True
+    truth = fidelity.Trajectories(states, exact, terminated, exact.sum(1), 0.0, actions=actions)
+
+    class Bundle:
+        offset = 0.0
+
+        def reward(self, obs, act):
+            return obs.sum(-1) + act[..., 0] + self.offset
+
+    bundle = Bundle()
+    assert fidelity.reward_model_return_error(bundle, truth)["abs_mean"] == pytest.approx(0.0, abs=1e-5)
+    bundle.offset = 0.5  # each true step is off by 0.5: 4 steps, 2 steps, 4 steps
+    assert fidelity.reward_model_return_error(bundle, truth)["abs_mean"] == pytest.approx((2 + 1 + 2) / 3, abs=1e-5)
 
 
 def test_select_starts_leaves_h_steps_in_the_episode(tiny_dataset):
