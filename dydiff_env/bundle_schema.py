@@ -181,6 +181,7 @@ TRAIN_CONFIG_FIELDS: dict[str, tuple[type, dict[str, Check]]] = {
         "sigma_data": POSITIVE, "p_mean": number(), "p_std": POSITIVE, "lr": POSITIVE, "warmup_steps": integer(0),
         "batch_size": integer(1), "train_steps": integer(0), "ema_decay": number(0, 1), "grad_clip": POSITIVE,
         "min_valid_rows": integer(1), "holdout_fraction": FRACTION, "eval_every": integer(1),
+        "action_noise": number(0),
     }),
     "sampler": (SamplerConfig, {
         "num_steps": integer(1, MAX_SAMPLER_STEPS), "kind": one_of(SAMPLER_KINDS),

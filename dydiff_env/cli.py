@@ -197,6 +197,8 @@ def cmd_train(args) -> int:
         config.checkpoint_every_s = args.checkpoint_every
     if args.diffusion_steps is not None:
         config.diffusion.train_steps = args.diffusion_steps
+    if args.diffusion_action_noise is not None:
+        config.diffusion.action_noise = args.diffusion_action_noise
     if args.model == "distill":
         return cmd_distill(args, config)
     data = load_dataset(args.dataset or DEFAULT_DATASET_ID)
@@ -364,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=non_negative_float, default=None,
                    help="seconds between checkpoints (default: the preset's)")
     p.add_argument("--diffusion-steps", type=non_negative_int, default=None, help="override the preset's diffusion steps")
+    p.add_argument("--diffusion-action-noise", type=non_negative_float, default=None,
+                   help="std of noise on the diffusion model's conditioned actions in training, unit scale "
+                        "(default: the preset's, 0; docs/fidelity.md, lever 3)")
     p.add_argument("--distill-steps", type=non_negative_int, default=None,
                    help="override the preset's student training steps (train distill)")
     p.set_defaults(func=cmd_train)

@@ -27,6 +27,9 @@ class DiffusionConfig:
     min_valid_rows: int = 50  # windows keep at least this many real rows; the rest is masked padding
     holdout_fraction: float = 0.05  # whole episodes held out for the validation loss
     eval_every: int = 2_000
+    # std of Gaussian noise on the conditioned actions in training (unit scale; the states stay the recorded
+    # ones): the model learns states given actions near the recorded ones. 0: off (docs/fidelity.md, lever 3)
+    action_noise: float = 0.0
 
 
 SAMPLER_KINDS = ("heun", "dpmpp_2m", "euler", "student")

@@ -446,3 +446,11 @@ def test_cli_train_tiny(tiny_dataset, tmp_path, capsys):
     assert '"bc"' in printed
     b = load_bundle(out_dir, require=("bc",))
     assert b.dynamics is None and b.meta["dataset_hash"] == tiny_dataset.content_hash
+
+
+def test_cli_train_diffusion_action_noise_is_recorded(tiny_dataset, tmp_path):
+    out_dir = tmp_path / "noisy-actions"
+    assert cli.main(["train", "diffusion", "--dataset", TINY_DATASET_ID, "--out", str(out_dir), "--preset", "tiny",
+                     "--threads", "1", "--diffusion-steps", "4", "--diffusion-action-noise", "0.2"]) == 0
+    b = load_bundle(out_dir, require=("diffusion",))
+    assert b.config.diffusion.action_noise == 0.2 and b.meta["train_config"]["diffusion"]["action_noise"] == 0.2

@@ -235,6 +235,21 @@ def test_diffusion_loss_feeds_clean_conditions_to_the_network():
     assert not torch.allclose(seen[:, ~cond], x0[:, ~cond])  # free entries noised
 
 
+def test_diffusion_loss_action_noise_jitters_only_the_conditioned_actions():
+    model = small_diffusion()
+    x0 = _cond_batch(64, seed=4)
+    spy = _Perturb(model.net, torch.zeros(()))
+    model.net = spy
+    model.loss(x0, torch.ones(64, H, dtype=torch.bool), generator=torch.Generator().manual_seed(5), action_noise=0.2)
+    sigma, x_noisy, _, cond = _manual_loss_terms(model, x0, -1.2, 1.2, seed=5)  # the same draws come first
+    c_in = 1.0 / (sigma ** 2 + model.sigma_data ** 2).sqrt()
+    seen = spy.inputs[0] / c_in[:, None, None]
+    torch.testing.assert_close(seen[:, 0, :OBS], x0[:, 0, :OBS])  # the first state stays clean
+    torch.testing.assert_close(seen[:, ~cond], x_noisy[:, ~cond])  # free entries as without the option
+    jitter = seen[..., OBS:] - x0[..., OBS:]
+    assert jitter.std().item() == pytest.approx(0.2, rel=0.05) and abs(jitter.mean().item()) < 0.01
+
+
 def test_diffusion_loss_backward_finite():
     model = small_diffusion().train()
     loss = model.loss(_cond_batch(4), torch.ones(4, H, dtype=torch.bool), generator=torch.Generator().manual_seed(0))

@@ -144,8 +144,9 @@ class TrajectoryDiffusion(nn.Module):
         return c_skip * x + c_out * out.to(x.dtype)
 
     def loss(self, x0: torch.Tensor, valid: torch.Tensor, p_mean: float = -1.2, p_std: float = 1.2,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """EDM loss on the free entries of real rows. x0 (B, H, D) in [-1, 1] units, valid (B, H) bool."""
+             generator: torch.Generator | None = None, action_noise: float = 0.0) -> torch.Tensor:
+        """EDM loss on the free entries of real rows. x0 (B, H, D) in [-1, 1] units, valid (B, H) bool.
+        `action_noise`: std of Gaussian noise on the conditioned actions (the targets stay x0)."""
         batch = x0.shape[0]
         ln_sigma = p_mean + p_std * torch.randn(batch, generator=generator)
         sigma = ln_sigma.exp().to(x0.device)
@@ -153,7 +154,11 @@ class TrajectoryDiffusion(nn.Module):
         weight = (s ** 2 + self.sigma_data ** 2) / (s * self.sigma_data) ** 2
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         cond = self.condition_mask(x0.shape[1], x0.device)
-        x_noisy = torch.where(cond, x0, x0 + s * noise)
+        given = x0
+        if action_noise > 0:
+            jitter = torch.randn(x0[..., self.obs_dim:].shape, generator=generator).to(x0.device)
+            given = torch.cat([x0[..., :self.obs_dim], x0[..., self.obs_dim:] + action_noise * jitter], -1)
+        x_noisy = torch.where(cond, given, x0 + s * noise)
         denoised = self.denoise(x_noisy, sigma)
         loss_mask = (~cond)[None] & valid[:, :, None]
         per_entry = weight * (denoised - x0).pow(2)
