@@ -58,6 +58,17 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def channel_widths(text: str) -> tuple[int, ...]:
+    """'64,128,256' -> (64, 128, 256): U-Net widths per resolution, multiples of 8 (its GroupNorm has 8 groups)."""
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or any(w < 8 or w % 8 for w in widths):
+        raise argparse.ArgumentTypeError(f"must be comma-separated multiples of 8 such as 64,128,256, got {text!r}")
+    return widths
+
+
 def torch_device(text: str) -> str:
     """A torch device that this machine has."""
     import torch
@@ -199,6 +210,8 @@ def cmd_train(args) -> int:
         config.diffusion.train_steps = args.diffusion_steps
     if args.diffusion_action_noise is not None:
         config.diffusion.action_noise = args.diffusion_action_noise
+    if args.diffusion_channels is not None:
+        config.diffusion.channels = args.diffusion_channels
     if args.model == "distill":
         return cmd_distill(args, config)
     data = load_dataset(args.dataset or DEFAULT_DATASET_ID)
@@ -366,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=non_negative_float, default=None,
                    help="seconds between checkpoints (default: the preset's)")
     p.add_argument("--diffusion-steps", type=non_negative_int, default=None, help="override the preset's diffusion steps")
+    p.add_argument("--diffusion-channels", type=channel_widths, default=None,
+                   help="override the preset's U-Net widths, e.g. 64,128,256 (another architecture: in an existing "
+                        "bundle, with --overwrite)")
     p.add_argument("--diffusion-action-noise", type=non_negative_float, default=None,
                    help="std of noise on the diffusion model's conditioned actions in training, unit scale "
                         "(default: the preset's, 0; docs/fidelity.md, lever 3)")

@@ -448,9 +448,14 @@ def test_cli_train_tiny(tiny_dataset, tmp_path, capsys):
     assert b.dynamics is None and b.meta["dataset_hash"] == tiny_dataset.content_hash
 
 
-def test_cli_train_diffusion_action_noise_is_recorded(tiny_dataset, tmp_path):
-    out_dir = tmp_path / "noisy-actions"
+def test_cli_train_diffusion_overrides_are_recorded(tiny_dataset, tmp_path, capsys):
+    out_dir = tmp_path / "overrides"
     assert cli.main(["train", "diffusion", "--dataset", TINY_DATASET_ID, "--out", str(out_dir), "--preset", "tiny",
-                     "--threads", "1", "--diffusion-steps", "4", "--diffusion-action-noise", "0.2"]) == 0
+                     "--threads", "1", "--diffusion-steps", "4", "--diffusion-action-noise", "0.2",
+                     "--diffusion-channels", "8,24"]) == 0
     b = load_bundle(out_dir, require=("diffusion",))
     assert b.config.diffusion.action_noise == 0.2 and b.meta["train_config"]["diffusion"]["action_noise"] == 0.2
+    assert tuple(b.config.diffusion.channels) == (8, 24) and b.diffusion.net.channels == (8, 24)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "diffusion", "--out", str(out_dir), "--diffusion-channels", "8,20"])
+    assert "multiples of 8" in capsys.readouterr().err
