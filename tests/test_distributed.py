@@ -160,3 +160,35 @@ def test_two_processes_average_gradients_and_rank_0_writes_the_bundle(tiny_bundl
     assert any(line.startswith("error: bundle ") and "another architecture" in line for line in errors) or \
         any(line.startswith("error: rank 0 could not start training (BundleError") for line in errors), errors
     assert (out / "config.json").read_bytes() == before
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_like_two_processes_on_one(tiny_dataset, tmp_path):
+    """Multi-node torchrun, two 'nodes' of one process each on this machine (static rendezvous on localhost,
+    a shared --out): the global rank 0 on node 0 alone prints and writes, and both ranks end with its weights."""
+    digests = tmp_path / "digests"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", distributed.DIGEST_DIR_VARIABLE: str(digests)}
+    out, port = tmp_path / "bundle", free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               "-m", "dydiff_env.cli", *train_argv(out, "bc")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for node in (0, 1)]
+    (out0, err0), (out1, err1) = (node.communicate(timeout=300) for node in nodes)
+    if any(node.returncode for node in nodes):
+        problem = torchrun_problem(tmp_path, env)
+        if problem is not None:
+            pytest.skip(f"torchrun cannot start two gloo processes on this machine ({problem})")
+        pytest.fail(f"two-node torchrun failed:\n{err0[-2000:]}\n{err1[-2000:]}")
+    assert out0.count("[train] bc: 2 processes") == 1 and "[train]" not in out1 and "{" not in out1
+    bundle = load_bundle(out, require=("bc",))
+    rank0, rank1 = ((digests / f"bc-rank{r}.sha256").read_text() for r in (0, 1))
+    assert rank0 == rank1 == distributed.state_digest(bundle.bc)
