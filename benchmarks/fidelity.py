@@ -589,7 +589,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         lengths = trajectory_length(truth.terminated)
         results["regimes"][regime] = {
             "truth": {"seconds": round(truth.seconds, 3), "return_mean": float(truth.returns.mean()),
-                      "terminated_fraction": float(truth.terminated.any(1).mean()), "length_mean": float(lengths.mean()),
+                      "terminated_fraction": float(truth.terminated.any(1).mean()),
+                      "length_mean": float(lengths.mean()),
                       "reward_model_return_error": reward_model_return_error(bundle, truth)},
             "methods": per_method, "crossover": crossover,
         }
@@ -676,11 +677,11 @@ def markdown_table(results: dict) -> str:
            "dataset std (mean +- 95% CI over the starts still alive at h; n@H: starts compared at H)."]
     for regime, r in results["regimes"].items():
         t = r["truth"]
-        floor = t.get("reward_model_return_error")
+        floor = t.get("reward_model_return_error")  # absent in results written before it was measured
+        floor_note = (f"; the reward model on the true states: return abs err {_fmt(floor['abs_mean'], 2)}"
+                      if floor else "")
         out += ["", f"### {regime} (true return {t['return_mean']:.1f}, {100 * t['terminated_fraction']:.0f}% of true "
-                f"trajectories terminate, real simulator {t['seconds']:.1f}s"
-                + (f"; the reward model on the true states: return abs err {_fmt(floor['abs_mean'], 2)}" if floor else "")
-                + ")", "",
+                f"trajectories terminate, real simulator {t['seconds']:.1f}s{floor_note})", "",
                 "| method | " + " | ".join(f"err h={h}" for h in cols)
                 + " | n@H | return abs err (rel) | term. agree @H | length (true) | return (true) | time s |",
                 "|---|" + "---|" * (len(cols) + 6)]

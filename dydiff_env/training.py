@@ -504,8 +504,8 @@ def train_diffusion(data: OfflineData, cfg: DiffusionConfig, sampler, ctx: RunCo
     while step < cfg.train_steps:
         model.train()
         x, valid = train_windows.get(rng.integers(0, len(train_windows), size=cfg.batch_size))
-        loss = model.loss(_tensor(norm.to_unit(x), dev), torch.as_tensor(valid, device=dev), cfg.p_mean, cfg.p_std, generator,
-                          cfg.action_noise)
+        loss = model.loss(_tensor(norm.to_unit(x), dev), torch.as_tensor(valid, device=dev), cfg.p_mean, cfg.p_std,
+                          generator, cfg.action_noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.all_reduce_mean_grads(model)
