@@ -77,7 +77,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None)
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu",
-                        help="whose diffusion model (and dynamics ensemble) to time (default cpu)")
+                        help="whose diffusion model to time (default cpu; the other workloads are the same)")
     args = parser.parse_args(argv)
     results = {}
     for threads in args.threads:
