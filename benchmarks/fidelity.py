@@ -41,11 +41,11 @@ Methods (--methods):
   shared by both regimes; only the true trajectory it is compared with differs;
 - env: `DydiffEnv` with its default settings (plans="auto", M = 2 with the default refinement, plans of the
   window minus one step (`--env-horizon`) continued at their ends; filter "none", no time limit) started at the
-  same states (`reset_to`), with the learning policy as its handle, and stepped with the regime's actions. policy-driven: the agent acts as the handle, so the env
-  serves DyDiff plans (the first from the start state, matching dydiff-M2-u-g4 up to sampling noise, then their
-  continuations); every other regime leaves the plan at the first step, so the env steps its single-step
-  model (`model_dynamics`, by default one random elite's mean): these rows measure the env's own off-plan
-  transitions against MuJoCo.
+  same states (`reset_to`), with the learning policy as its handle, and stepped with the regime's actions.
+  policy-driven: the agent acts as the handle, so the env serves DyDiff plans (the first from the start state,
+  matching dydiff-M2-u-g4 up to sampling noise, then their continuations); every other regime leaves the plan
+  at the first step, so the env steps its single-step model (`model_dynamics`, by default one random elite's
+  mean): these rows measure the env's own off-plan transitions against MuJoCo.
 behaviour-prior runs in the first two regimes only. Every method runs unfiltered (filter "none"): the filter picks trajectories by predicted return, which would
 change which start states are compared. Every method has its own seeded generator.
 

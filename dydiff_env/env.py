@@ -91,7 +91,8 @@ def default_plan_horizon(window: int | None) -> int:
     window, every row with a next state. With the env's default refinement rule, plans of 63 steps were as
     faithful to MuJoCo as plans of 48 continued by a re-plan, up to 191 steps, for three policies on Hopper and
     TD3+BC on Walker2d and HalfCheetah (docs/throughput.md); they need a quarter fewer re-plans, which are what
-    an agent that follows its plans waits for. `dydiff_rollout` keeps three quarters (`rollout.default_horizon`), for the paper's rule."""
+    an agent that follows its plans waits for. `dydiff_rollout` keeps three quarters (`rollout.default_horizon`),
+    for the paper's rule."""
     return window - 1 if window else 32
 
 
