@@ -34,8 +34,8 @@ Methods (--methods):
   any M with suffixes for `RefineConfig` settings: `-a<k>` anchors the first k states to the single-step
   rollout, `-u` weights each step by the ensemble's uncertainty, its error floor probed on the first free
   steps (`-u<e>`: diffusion_error e; `-p<n>`: n probe steps, -p0 none; `-g<r>`: max_probe_ratio r; no gate
-  without it), e.g. dydiff-M2-a16, dydiff-M1-u, dydiff-M2-a8-u0.1-p0. dydiff-M2-u-g4 is `dydiff_rollout`'s
-  and `DydiffEnv`'s default;
+  without it), `-k<K>` averages K diffusion samples per round, e.g. dydiff-M2-a16, dydiff-M1-u,
+  dydiff-M2-a8-u0.1-p0, dydiff-M2-k4. dydiff-M2-u-g4 is `dydiff_rollout`'s and `DydiffEnv`'s default;
 - behaviour-prior: DyDiff (M = 2, the paper's rule) driven by the bundle's stochastic BC policy, i.e. the regime's actions are
   *not* injected (what a diffusion model without policy injection would predict). It is one computation
   shared by both regimes; only the true trajectory it is compared with differs;
@@ -103,7 +103,9 @@ from dydiff_env.rollout import (FilterConfig, RolloutResult, behaviour_policy, c
 METHODS = ("ensemble", "dydiff-M1", "dydiff-M2", "dydiff-M3", "behaviour-prior", "env", "dydiff-M2-u-g4")
 ITERATIONS = {"ensemble": 0, "dydiff-M1": 1, "dydiff-M2": 2, "dydiff-M3": 3, "behaviour-prior": 2, "env": 2}
 REFERENCE = RefineConfig(blend="average")  # the paper's rule: only s_0 given, 50/50 average
-VARIANT = re.compile(r"dydiff-M(?P<m>\d+)(?:-a(?P<anchor>\d+))?(?P<blend>-u(?P<error>\d*\.?\d+)?(?:-p(?P<probe>\d+))?(?:-g(?P<gate>\d*\.?\d+))?)?")
+VARIANT = re.compile(r"dydiff-M(?P<m>\d+)(?:-a(?P<anchor>\d+))?"
+                     r"(?P<blend>-u(?P<error>\d*\.?\d+)?(?:-p(?P<probe>\d+))?(?:-g(?P<gate>\d*\.?\d+))?)?"
+                     r"(?:-k(?P<samples>\d+))?")
 
 
 def parse_method(name: str) -> tuple[int, RefineConfig]:
@@ -118,7 +120,8 @@ def parse_method(name: str) -> tuple[int, RefineConfig]:
     refine = RefineConfig(anchor_steps=int(match["anchor"] or 0), blend="uncertainty" if match["blend"] else "average",
                           max_probe_ratio=float(match["gate"]) if match["gate"] else None,
                           **({"diffusion_error": float(match["error"])} if match["error"] else {}),
-                          **({"probe_steps": int(match["probe"])} if match["probe"] else {}))
+                          **({"probe_steps": int(match["probe"])} if match["probe"] else {}),
+                          num_samples=int(match["samples"] or 1))
     return int(match["m"]), refine
 REGIMES = ("teacher-forced", "policy-driven", "noisy-policy", "random-actions")
 NOISE_STD = 0.1  # the noisy-policy regime's exploration noise

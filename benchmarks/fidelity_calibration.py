@@ -1,10 +1,15 @@
 """Where the diffusion model breaks off the data: per horizon, the mean square state error against MuJoCo of
 the single-step ensemble rollout and of one diffusion sample conditioned on its actions, the ensemble's own
 variance estimate, and the sample's gap to the single-step states over the first 4 steps (the probe that
-`RefineConfig`'s uncertainty blend and gate use). docs/fidelity.md reads it.
+`RefineConfig`'s uncertainty blend and gate use). Also the correlation of the two rollouts' errors, and the
+error of the mean of --samples diffusion samples (what averaging removes is the sampler's noise; what is
+left is the model's bias). docs/fidelity.md reads it.
 
-    python -m benchmarks.fidelity_calibration --policy td3bc --threads 1
-    python -m benchmarks.fidelity_calibration --policy snapshot:dydiff_env/assets/behaviour/hopper-expert.safetensors
+    python -m benchmarks.fidelity_calibration --policy td3bc --threads 1 --sampler-kind heun --sampler-steps 34
+    python -m benchmarks.fidelity_calibration --sampler-kind heun --sampler-steps 34 \
+        --policy snapshot:dydiff_env/assets/behaviour/hopper-expert.safetensors
+
+(docs/fidelity.md's tables use the reference 34-step Heun sampler, not the shipped bundle's distilled student.)
 
 Same start states, regimes and learning policies as `benchmarks/fidelity.py` (its `prepare`). All values are
 mean squares over the state dimensions in dataset-std units, averaged over the starts alive at h.
@@ -13,6 +18,7 @@ mean squares over the state dimensions in dataset-std units, averaged over the s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -31,7 +37,12 @@ PROBE_STEPS = 4
 SAMPLE_ONLY = RefineConfig(blend="uncertainty", diffusion_error=1e-6, probe_steps=0, max_probe_ratio=None)
 
 
-def calibrate(setup: fidelity.Setup, regime: str, seed: int) -> dict:
+def error_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of two error arrays (starts, dims) taken whole: 1 when both rollouts are off the same way."""
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def calibrate(setup: fidelity.Setup, regime: str, seed: int, num_samples: int = 1) -> dict:
     bundle, horizon = setup.bundle, setup.horizon
     std = torch.as_tensor(bundle.normalizer("obs").std)
     truth = torch.as_tensor(setup.truths[regime].states, dtype=torch.float32)  # (B, H + 1, obs)
@@ -39,11 +50,15 @@ def calibrate(setup: fidelity.Setup, regime: str, seed: int) -> dict:
     s0 = torch.as_tensor(setup.start_obs)
     none = FilterConfig("none")
     # the same generator seed: the refined rollout's single-step trajectory is this one
-    single = dydiff_rollout(bundle, s0, action_fn, horizon, 0, filter=none, generator=torch.Generator().manual_seed(seed))
-    sampled = dydiff_rollout(bundle, s0, action_fn, horizon, 1, filter=none, refine=SAMPLE_ONLY,
-                             generator=torch.Generator().manual_seed(seed))
+    def rollout(iterations: int, refine=SAMPLE_ONLY):
+        return dydiff_rollout(bundle, s0, action_fn, horizon, iterations, filter=none, refine=refine,
+                              sampler=setup.sampler, generator=torch.Generator().manual_seed(seed))
+
+    single, sampled = rollout(0), rollout(1)
+    averaged = rollout(1, dataclasses.replace(SAMPLE_ONLY, num_samples=num_samples))
     states = torch.cat([single.obs, single.next_obs[:, -1:]], 1)
     sample = torch.cat([sampled.obs, sampled.next_obs[:, -1:]], 1)
+    sample_mean = torch.cat([averaged.obs, averaged.next_obs[:, -1:]], 1)
     spread = [torch.zeros(len(s0))]
     for t in range(horizon):  # the same running variance v as the rollout's uncertainty blend
         means, _ = bundle.dynamics.member_predictions(single.obs[:, t], single.actions[:, t])
@@ -51,10 +66,14 @@ def calibrate(setup: fidelity.Setup, regime: str, seed: int) -> dict:
     variance = torch.cumsum(torch.stack(spread, 1), 1)
     ensemble_error = (((states - truth) / std) ** 2).mean(-1)
     sample_error = (((sample - truth) / std) ** 2).mean(-1)
+    mean_error = (((sample_mean - truth) / std) ** 2).mean(-1)
     gap = (((sample - states) / std) ** 2).mean(-1)
     alive = torch.isfinite(ensemble_error)
     rows = {h: {"ensemble_mse": float(ensemble_error[alive[:, h], h].mean()),
                 "diffusion_mse": float(sample_error[alive[:, h], h].mean()),
+                f"diffusion_mean_of_{num_samples}_mse": float(mean_error[alive[:, h], h].mean()),
+                "error_correlation": error_correlation(((states - truth) / std)[alive[:, h], h],
+                                                       ((sample - truth) / std)[alive[:, h], h]),
                 "ensemble_variance": float(variance[alive[:, h], h].mean()),
                 "gap": float(gap[alive[:, h], h].mean())} for h in HORIZONS if h <= horizon}
     probe = gap[:, 1 : PROBE_STEPS + 1].mean(1).numpy()
@@ -67,27 +86,40 @@ def main(argv: list[str] | None = None) -> int:
                    help="the task: its shipped bundle and medium dataset are the defaults (default: the task of "
                         "--bundle, else hopper)")
     p.add_argument("--bundle", default=None, help="bundle directory (default: the bundle shipped for --task)")
-    p.add_argument("--policy", default="td3bc", help="td3bc | bc | snapshot:PATH | module:func (as benchmarks/fidelity.py)")
+    p.add_argument("--dataset", default=None, help="dataset of the start states (default: the task's medium dataset)")
+    p.add_argument("--policy", default="td3bc",
+                   help="td3bc | bc | snapshot:PATH | module:func (as benchmarks/fidelity.py)")
     p.add_argument("-n", "--num-starts", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="benchmarks/results/fidelity", help="where the TD3+BC policy is cached")
+    p.add_argument("--sampler-kind", default=None, help="sampler kind (default: the bundle's; docs/fidelity.md: heun)")
+    p.add_argument("--sampler-steps", type=int, default=None, help="sampler steps (default: the bundle's; docs: 34)")
+    p.add_argument("--samples", type=int, default=4, help="diffusion samples averaged for the mean's error (default 4)")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
     args = p.parse_args(argv)
+    if args.samples < 1:
+        p.error(f"--samples must be >= 1, got {args.samples}")
+    passed = {"--task": args.task, "--bundle": args.bundle, "--dataset": args.dataset, "--threads": args.threads,
+              "--sampler-kind": args.sampler_kind, "--sampler-steps": args.sampler_steps}
+    options = [str(x) for flag, value in passed.items() if value for x in (flag, value)]
     fidelity_args = fidelity.build_parser().parse_args(
         ["-n", str(args.num_starts), "--seed", str(args.seed), "--no-video", "--out", args.out, "--policy", args.policy,
-         "--methods", "ensemble,dydiff-M1"] + (["--task", args.task] if args.task else []) + (["--bundle", args.bundle] if args.bundle else [])
-        + (["--threads", str(args.threads)] if args.threads else []))
+         "--methods", "ensemble,dydiff-M1"] + options)
     setup = fidelity.prepare(fidelity_args, log=lambda *a: None)
-    results = {regime: calibrate(setup, regime, args.seed) for regime in fidelity.REGIMES}
+    results = {regime: calibrate(setup, regime, args.seed, args.samples) for regime in fidelity.REGIMES}
     for regime, r in results.items():
         print(f"{regime}: probe gap (h = 1..{PROBE_STEPS}) quantiles 10/50/90 % "
               + " / ".join(f"{q:.4f}" for q in r["probe_gap_quantiles_10_50_90"]))
         for h, row in r["horizons"].items():
             print(f"  h={h:2d}  ensemble {row['ensemble_mse']:.4f}  diffusion sample {row['diffusion_mse']:.4f}  "
+                  f"mean of {args.samples} {row[f'diffusion_mean_of_{args.samples}_mse']:.4f}  "
+                  f"error correlation {row['error_correlation']:+.2f}  "
                   f"ensemble variance {row['ensemble_variance']:.4f}  gap {row['gap']:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"policy": args.policy, "bundle": str(setup.bundle_path), **results}, indent=1))
+        record = {"policy": args.policy, "bundle": str(setup.bundle_path),
+                  "sampler": f"{setup.sampler.kind} {setup.sampler.num_steps}", **results}
+        Path(args.json).write_text(json.dumps(record, indent=1))
     return 0
 
 

@@ -166,6 +166,8 @@ class RefineConfig:
     diffusion_error alone. max_probe_ratio: a trajectory whose probe distance exceeds this many times
     diffusion_error^2 keeps its single-step states (weight 0): off where the ensemble is accurate, the
     diffusion model's error keeps growing with the horizon, faster than the ensemble's (None: no gate).
+    num_samples: diffusion samples drawn per trajectory and round, averaged before the blend. The mean
+    removes the sampler's own noise (not the model's bias): K times the denoiser calls.
     """
 
     anchor_steps: int = 0
@@ -173,6 +175,7 @@ class RefineConfig:
     diffusion_error: float = 0.07
     probe_steps: int = 4
     max_probe_ratio: float | None = 4.0
+    num_samples: int = 1
 
     def __post_init__(self):
         if self.anchor_steps < 0:
@@ -185,6 +188,8 @@ class RefineConfig:
             raise ValueError(f"diffusion_error must be > 0, got {self.diffusion_error}")
         if self.max_probe_ratio is not None and not self.max_probe_ratio > 0:
             raise ValueError(f"max_probe_ratio must be > 0 or None, got {self.max_probe_ratio}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
 
     def check_horizon(self, horizon: int) -> None:
         """Refuse anchoring every transition of a `horizon`-step rollout (there is nothing left to refine)."""

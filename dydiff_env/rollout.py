@@ -281,8 +281,9 @@ def _rollout_chunk(bundle, s0, policy, horizon, num_iterations, sampler, generat
         cond_mask[: anchor + 1, :obs_dim] = True
     for iteration in range(num_iterations):
         cond = norm.to_unit(torch.cat([states, actions], -1))
-        sample = sample_windows(bundle, cond, cond_mask, sampler, generator)
-        sampled_states = norm.from_unit(sample)[..., :obs_dim]
+        # K samples in one batch, averaged: an estimate of the model's conditional mean
+        sample = sample_windows(bundle, cond.repeat(refine.num_samples, 1, 1), cond_mask, sampler, generator)
+        sampled_states = norm.from_unit(sample.reshape(refine.num_samples, *cond.shape).mean(0))[..., :obs_dim]
         if iteration == 0:  # the weights, from the first sample against the single-step states
             gap = (probe_distance(sampled_states, states, obs_var, anchor + 1, refine.probe_steps)
                    if refine.blend == "uncertainty" else None)

@@ -318,6 +318,8 @@ def test_sampler_benchmark_rules_and_second_thread_count(tiny_bundle, tiny_datas
     from dydiff_env import RefineConfig
 
     assert fidelity.parse_method(samplers.RULES["default"].format(m=2)) == (2, RefineConfig())
+    assert fidelity.parse_method("dydiff-M2-u-g4-k4") == (2, RefineConfig(num_samples=4))
+    assert fidelity.parse_method("dydiff-M1-k8")[1] == RefineConfig(blend="average", max_probe_ratio=None, num_samples=8)
     results = samplers.main(["--bundle", str(tiny_bundle), "--dataset", TINY_DATASET_ID, "--policy", "bc", "-n", "4",
                              "--horizon", "5", "--grid", "euler:2", "--batch", "4", "--also-threads", "2", "--quick",
                              "--out", str(tmp_path / "samplers")])
@@ -359,3 +361,17 @@ def test_video_grid_puts_starts_side_by_side_and_rows_on_top_of_each_other():
     assert (frames[:, 30:40, 10:50] == 0).all() and (frames[:, 30:40, 60:100] == 100).all()
     assert (frames[:, 70:80] == 200).all()
     assert not (frames[:, :12, :40] == 0).all()  # the label box with its text
+
+
+def test_calibration_benchmark_on_the_tiny_bundle(tiny_bundle, tiny_dataset, tmp_path, capsys):
+    from benchmarks import fidelity_calibration
+
+    out = tmp_path / "calibration.json"
+    assert fidelity_calibration.main(["--bundle", str(tiny_bundle), "--dataset", TINY_DATASET_ID, "--policy", "bc",
+                                      "-n", "4", "--samples", "2", "--out", str(tmp_path), "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    for regime in fidelity.REGIMES:
+        rows = results[regime]["horizons"]
+        assert rows and all(row["ensemble_mse"] >= 0 and row["diffusion_mean_of_2_mse"] >= 0
+                            and -1 <= row["error_correlation"] <= 1 for row in rows.values())
+    assert "mean of 2" in capsys.readouterr().out

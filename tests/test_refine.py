@@ -164,6 +164,33 @@ def test_uncertainty_blend_follows_the_more_certain_model(bundle, starts, diffus
     torch.testing.assert_close(blended.obs[:, 0], starts, rtol=0, atol=0)
 
 
+def test_num_samples_averages_each_trajectorys_own_samples(bundle, starts):
+    # sample k of a batch of K x B windows is off by (k - (K - 1) / 2) x 0.5 in every state: the mean of a
+    # trajectory's K samples is its target exactly, and mixing up trajectories would show (their targets differ)
+    window, obs_dim, num_samples = bundle.diffusion.horizon, bundle.obs_dim, 3
+    kw = dict(horizon=12, filter=NONE, dynamics_mode="mean", sampler=SamplerConfig(kind="euler", num_steps=4))
+    single = dydiff_rollout(bundle, starts, linear_policy(), num_iterations=0, **kw)
+    target = single.obs[:, :1].expand(-1, window, -1) + 0.01 * torch.arange(window, dtype=torch.float32)[None, :, None]
+    target = target.clone()
+    target[:, 0] = starts
+    norm = bundle.normalizer("transition")
+    unit_target = norm.to_unit(torch.cat([target, torch.zeros(*target.shape[:2], ACT_DIM)], -1))[..., :obs_dim]
+
+    def denoise(x, sigma):
+        k = torch.arange(x.shape[0]) // len(starts)
+        offset = 0.5 * (k - (x.shape[0] // len(starts) - 1) / 2).to(x.dtype)
+        out = x.clone()
+        out[..., :obs_dim] = unit_target.repeat(x.shape[0] // len(starts), 1, 1) + offset[:, None, None]
+        return out
+
+    bundle.diffusion.denoise = denoise
+    refine = RefineConfig(blend="uncertainty", diffusion_error=1e-6, probe_steps=0, num_samples=num_samples)
+    averaged = dydiff_rollout(bundle, starts, linear_policy(), num_iterations=1, refine=refine, **kw)
+    torch.testing.assert_close(averaged.obs[:, 1:], target[:, 1:12], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="num_samples"):
+        RefineConfig(num_samples=0)
+
+
 def test_a_diffusion_model_far_off_at_the_probe_steps_gets_little_weight(bundle, starts):
     # an "exact" diffusion model of a wrong trajectory: the probe measures the gap where the ensemble is good
     window = bundle.diffusion.horizon
