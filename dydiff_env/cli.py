@@ -69,6 +69,18 @@ def channel_widths(text: str) -> tuple[int, ...]:
     return widths
 
 
+def check_window(rows: int, diffusion) -> None:
+    """Refuse, before any data is loaded, a diffusion window the preset's U-Net cannot take (each of its
+    downsamplings halves the window) or one shorter than the real rows every training window must hold."""
+    factor = 2 ** (len(diffusion.channels) - 1)
+    if rows % factor:
+        raise ValueError(f"--diffusion-horizon {rows} must be divisible by {factor} for U-Net channels "
+                         f"{tuple(diffusion.channels)}: use {rows + factor - rows % factor}")
+    if rows < diffusion.min_valid_rows:
+        raise ValueError(f"--diffusion-horizon {rows} is below the preset's {diffusion.min_valid_rows} real rows per "
+                         f"training window: use at least {diffusion.min_valid_rows}")
+
+
 def torch_device(text: str) -> str:
     """A torch device that this machine has."""
     import torch
@@ -212,6 +224,9 @@ def cmd_train(args) -> int:
         config.diffusion.action_noise = args.diffusion_action_noise
     if args.diffusion_channels is not None:
         config.diffusion.channels = args.diffusion_channels
+    if args.diffusion_horizon is not None:
+        check_window(args.diffusion_horizon, config.diffusion)
+        config.diffusion.horizon = args.diffusion_horizon
     if args.model == "distill":
         return cmd_distill(args, config)
     data = load_dataset(args.dataset or DEFAULT_DATASET_ID)
@@ -382,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffusion-channels", type=channel_widths, default=None,
                    help="override the preset's U-Net widths, e.g. 64,128,256 (another architecture: in an existing "
                         "bundle, with --overwrite)")
+    p.add_argument("--diffusion-horizon", type=positive_int, default=None,
+                   help="override the preset's diffusion window in rows, e.g. 100 as the reference (another "
+                        "architecture: in an existing bundle, with --overwrite)")
     p.add_argument("--diffusion-action-noise", type=non_negative_float, default=None,
                    help="std of noise on the diffusion model's conditioned actions in training, unit scale "
                         "(default: the preset's, 0; docs/fidelity.md, lever 3)")

@@ -452,10 +452,15 @@ def test_cli_train_diffusion_overrides_are_recorded(tiny_dataset, tmp_path, caps
     out_dir = tmp_path / "overrides"
     assert cli.main(["train", "diffusion", "--dataset", TINY_DATASET_ID, "--out", str(out_dir), "--preset", "tiny",
                      "--threads", "1", "--diffusion-steps", "4", "--diffusion-action-noise", "0.2",
-                     "--diffusion-channels", "8,24"]) == 0
+                     "--diffusion-channels", "8,24", "--diffusion-horizon", "20"]) == 0
     b = load_bundle(out_dir, require=("diffusion",))
     assert b.config.diffusion.action_noise == 0.2 and b.meta["train_config"]["diffusion"]["action_noise"] == 0.2
     assert tuple(b.config.diffusion.channels) == (8, 24) and b.diffusion.net.channels == (8, 24)
+    assert b.config.diffusion.horizon == 20 and b.diffusion.horizon == 20
+    capsys.readouterr()
+    assert cli.main(["train", "diffusion", "--out", str(out_dir), "--diffusion-channels", "8,24",
+                     "--diffusion-horizon", "21"]) == 2
+    assert "divisible by 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "diffusion", "--out", str(out_dir), "--diffusion-channels", "8,20"])
     assert "multiples of 8" in capsys.readouterr().err
