@@ -3,7 +3,8 @@ the single-step ensemble rollout and of one diffusion sample conditioned on its 
 variance estimate, and the sample's gap to the single-step states over the first 4 steps (the probe that
 `RefineConfig`'s uncertainty blend and gate use). Also the correlation of the two rollouts' errors, and the
 error of the mean of --samples diffusion samples (what averaging removes is the sampler's noise; what is
-left is the model's bias). docs/fidelity.md reads it.
+left is the model's bias), and the best blend of the ensemble's states with that mean that one weight per
+horizon, chosen with hindsight, can reach. docs/fidelity.md reads it.
 
     python -m benchmarks.fidelity_calibration --policy td3bc --threads 1 --sampler-kind heun --sampler-steps 34
     python -m benchmarks.fidelity_calibration --sampler-kind heun --sampler-steps 34 \
@@ -42,6 +43,16 @@ def error_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
+def best_fixed_blend(ensemble_error: torch.Tensor, diffusion_error: torch.Tensor) -> tuple[float, float]:
+    """(mean square error, weight) of the best blend (1 - w) * ensemble + w * diffusion over w = 0, 0.05, .., 1,
+    chosen with hindsight from the errors (starts, dims) at one horizon: a bound on any rule that blends the two
+    with one weight per horizon."""
+    weights = torch.linspace(0, 1, 21)
+    errors = [float((((1 - w) * ensemble_error + w * diffusion_error) ** 2).mean()) for w in weights]
+    best = int(np.argmin(errors))
+    return errors[best], float(weights[best])
+
+
 def calibrate(setup: fidelity.Setup, regime: str, seed: int, num_samples: int = 1) -> dict:
     bundle, horizon = setup.bundle, setup.horizon
     std = torch.as_tensor(bundle.normalizer("obs").std)
@@ -64,18 +75,24 @@ def calibrate(setup: fidelity.Setup, regime: str, seed: int, num_samples: int = 
         means, _ = bundle.dynamics.member_predictions(single.obs[:, t], single.actions[:, t])
         spread.append(elite_spread(means, std ** 2))
     variance = torch.cumsum(torch.stack(spread, 1), 1)
-    ensemble_error = (((states - truth) / std) ** 2).mean(-1)
-    sample_error = (((sample - truth) / std) ** 2).mean(-1)
-    mean_error = (((sample_mean - truth) / std) ** 2).mean(-1)
+    # offsets from the truth (starts, steps, dims) in dataset stds; NaN after a true termination
+    ensemble_offset, sample_offset = (states - truth) / std, (sample - truth) / std
+    mean_offset = (sample_mean - truth) / std
+    ensemble_error, sample_error = (ensemble_offset ** 2).mean(-1), (sample_offset ** 2).mean(-1)
+    mean_error = (mean_offset ** 2).mean(-1)
     gap = (((sample - states) / std) ** 2).mean(-1)
     alive = torch.isfinite(ensemble_error)
-    rows = {h: {"ensemble_mse": float(ensemble_error[alive[:, h], h].mean()),
-                "diffusion_mse": float(sample_error[alive[:, h], h].mean()),
-                f"diffusion_mean_of_{num_samples}_mse": float(mean_error[alive[:, h], h].mean()),
-                "error_correlation": error_correlation(((states - truth) / std)[alive[:, h], h],
-                                                       ((sample - truth) / std)[alive[:, h], h]),
-                "ensemble_variance": float(variance[alive[:, h], h].mean()),
-                "gap": float(gap[alive[:, h], h].mean())} for h in HORIZONS if h <= horizon}
+    rows = {}
+    for h in (step for step in HORIZONS if step <= horizon):
+        at = alive[:, h]
+        blend_error, blend_weight = best_fixed_blend(ensemble_offset[at, h], mean_offset[at, h])
+        rows[h] = {"ensemble_mse": float(ensemble_error[at, h].mean()),
+                   "diffusion_mse": float(sample_error[at, h].mean()),
+                   f"diffusion_mean_of_{num_samples}_mse": float(mean_error[at, h].mean()),
+                   "error_correlation": error_correlation(ensemble_offset[at, h], sample_offset[at, h]),
+                   "best_fixed_blend_mse": blend_error, "best_fixed_blend_weight": blend_weight,
+                   "ensemble_variance": float(variance[at, h].mean()),
+                   "gap": float(gap[at, h].mean())}
     probe = gap[:, 1 : PROBE_STEPS + 1].mean(1).numpy()
     return {"horizons": rows, "probe_gap_quantiles_10_50_90": np.quantile(probe, [0.1, 0.5, 0.9]).tolist()}
 
@@ -115,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  h={h:2d}  ensemble {row['ensemble_mse']:.4f}  diffusion sample {row['diffusion_mse']:.4f}  "
                   f"mean of {args.samples} {row[f'diffusion_mean_of_{args.samples}_mse']:.4f}  "
                   f"error correlation {row['error_correlation']:+.2f}  "
+                  f"best blend {row['best_fixed_blend_mse']:.4f} (w {row['best_fixed_blend_weight']:.2f})  "
                   f"ensemble variance {row['ensemble_variance']:.4f}  gap {row['gap']:.4f}")
     if args.json:
         record = {"policy": args.policy, "bundle": str(setup.bundle_path),

@@ -366,6 +366,9 @@ def test_video_grid_puts_starts_side_by_side_and_rows_on_top_of_each_other():
 def test_calibration_benchmark_on_the_tiny_bundle(tiny_bundle, tiny_dataset, tmp_path, capsys):
     from benchmarks import fidelity_calibration
 
+    # opposite errors cancel at w = 0.5; an exact model takes all the weight
+    assert fidelity_calibration.best_fixed_blend(torch.tensor([[1.0, 2.0]]), torch.tensor([[-1.0, -2.0]])) == (0.0, 0.5)
+    assert fidelity_calibration.best_fixed_blend(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2)) == (0.0, 1.0)
     out = tmp_path / "calibration.json"
     assert fidelity_calibration.main(["--bundle", str(tiny_bundle), "--dataset", TINY_DATASET_ID, "--policy", "bc",
                                       "-n", "4", "--samples", "2", "--out", str(tmp_path), "--json", str(out)]) == 0
@@ -374,4 +377,7 @@ def test_calibration_benchmark_on_the_tiny_bundle(tiny_bundle, tiny_dataset, tmp
         rows = results[regime]["horizons"]
         assert rows and all(row["ensemble_mse"] >= 0 and row["diffusion_mean_of_2_mse"] >= 0
                             and -1 <= row["error_correlation"] <= 1 for row in rows.values())
+        # weights 0 and 1 are among the blends tried: the best is never worse than either model alone
+        assert all(row["best_fixed_blend_mse"] <= min(row["ensemble_mse"], row["diffusion_mean_of_2_mse"]) + 1e-6
+                   for row in rows.values())
     assert "mean of 2" in capsys.readouterr().out
