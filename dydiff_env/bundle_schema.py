@@ -22,6 +22,7 @@ import torch
 
 from .config import (SAMPLER_KINDS, TEACHER_KINDS, DiffusionConfig, DistillConfig, DynamicsConfig, MLPConfig,
                      SamplerConfig, TrainConfig)
+from .models import window_multiple
 from .tasks import get_task
 
 FORMAT_VERSION = 1
@@ -238,7 +239,7 @@ def check_train_config(train_config: Any, where: Any) -> None:
             fail(where, f"train_config.{key}", problem)
     # rules between fields, on the values the models will be built with (the defaults fill in missing ones)
     diffusion = merged.get("diffusion", dataclasses.asdict(DiffusionConfig()))
-    factor = 2 ** (len(diffusion["channels"]) - 1)
+    factor = window_multiple(diffusion["channels"])
     if diffusion["horizon"] % factor:
         fail(where, "train_config.diffusion.horizon", f"must be divisible by {factor} (the U-Net halves it once per "
              f"level after the first of channels {diffusion['channels']}), got {diffusion['horizon']}")

@@ -72,7 +72,9 @@ def channel_widths(text: str) -> tuple[int, ...]:
 def check_window(rows: int, diffusion) -> None:
     """Refuse, before any data is loaded, a diffusion window the preset's U-Net cannot take (each of its
     downsamplings halves the window) or one shorter than the real rows every training window must hold."""
-    factor = 2 ** (len(diffusion.channels) - 1)
+    from .models import window_multiple
+
+    factor = window_multiple(diffusion.channels)
     if rows % factor:
         raise ValueError(f"--diffusion-horizon {rows} must be divisible by {factor} for U-Net channels "
                          f"{tuple(diffusion.channels)}: use {rows + factor - rows % factor}")

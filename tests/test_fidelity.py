@@ -319,7 +319,8 @@ def test_sampler_benchmark_rules_and_second_thread_count(tiny_bundle, tiny_datas
 
     assert fidelity.parse_method(samplers.RULES["default"].format(m=2)) == (2, RefineConfig())
     assert fidelity.parse_method("dydiff-M2-u-g4-k4") == (2, RefineConfig(num_samples=4))
-    assert fidelity.parse_method("dydiff-M1-k8")[1] == RefineConfig(blend="average", max_probe_ratio=None, num_samples=8)
+    paper_rule_of_8 = RefineConfig(blend="average", max_probe_ratio=None, num_samples=8)
+    assert fidelity.parse_method("dydiff-M1-k8") == (1, paper_rule_of_8)
     results = samplers.main(["--bundle", str(tiny_bundle), "--dataset", TINY_DATASET_ID, "--policy", "bc", "-n", "4",
                              "--horizon", "5", "--grid", "euler:2", "--batch", "4", "--also-threads", "2", "--quick",
                              "--out", str(tmp_path / "samplers")])

@@ -58,6 +58,11 @@ class ResidualBlock(nn.Module):
         return self.block2(h) + self.skip(x)
 
 
+def window_multiple(channels: tuple[int, ...]) -> int:
+    """The U-Net halves the window once per resolution after the first: windows are multiples of this."""
+    return 2 ** (len(channels) - 1)
+
+
 class TemporalUNet(nn.Module):
     """1-D U-Net over the horizon. `channels` gives the width at each resolution; the horizon is halved
     len(channels) - 1 times, so it must be divisible by 2 ** (len(channels) - 1)."""
@@ -89,7 +94,7 @@ class TemporalUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, noise_label: torch.Tensor) -> torch.Tensor:
         """x (B, H, D), noise_label (B,) -> (B, H, D)."""
-        factor = 2 ** (len(self.channels) - 1)
+        factor = window_multiple(self.channels)
         if x.shape[1] % factor:
             raise ValueError(f"horizon {x.shape[1]} must be divisible by {factor} for U-Net channels {self.channels}")
         emb = self.noise_embed(noise_label)
@@ -120,7 +125,7 @@ class TrajectoryDiffusion(nn.Module):
         super().__init__()
         self.obs_dim, self.act_dim, self.horizon, self.sigma_data = obs_dim, act_dim, horizon, sigma_data
         self.net = TemporalUNet(obs_dim + act_dim, channels, kernel_size)
-        factor = 2 ** (len(channels) - 1)
+        factor = window_multiple(channels)
         if horizon % factor:
             raise ValueError(f"horizon {horizon} must be divisible by {factor} for U-Net channels {tuple(channels)}")
 
