@@ -3,8 +3,10 @@ the single-step ensemble rollout and of one diffusion sample conditioned on its 
 variance estimate, and the sample's gap to the single-step states over the first 4 steps (the probe that
 `RefineConfig`'s uncertainty blend and gate use). Also the correlation of the two rollouts' errors, and the
 error of the mean of --samples diffusion samples (what averaging removes is the sampler's noise; what is
-left is the model's bias), and the best blend of the ensemble's states with that mean that one weight per
-horizon, chosen with hindsight, can reach. docs/fidelity.md reads it.
+left is the model's bias), the best blend of the ensemble's states with that mean that one weight per
+horizon, chosen with hindsight, can reach, and both models' errors given the actions the simulator took
+(open loop: the policy's true actions, without the drift that its reactions to a model's states put in
+them). docs/fidelity.md reads it.
 
     python -m benchmarks.fidelity_calibration --policy td3bc --threads 1 --sampler-kind heun --sampler-steps 34
     python -m benchmarks.fidelity_calibration --sampler-kind heun --sampler-steps 34 \
@@ -61,12 +63,18 @@ def calibrate(setup: fidelity.Setup, regime: str, seed: int, num_samples: int = 
     s0 = torch.as_tensor(setup.start_obs)
     none = FilterConfig("none")
     # the same generator seed: the refined rollout's single-step trajectory is this one
-    def rollout(iterations: int, refine=SAMPLE_ONLY):
-        return dydiff_rollout(bundle, s0, action_fn, horizon, iterations, filter=none, refine=refine,
+    def rollout(iterations: int, refine=SAMPLE_ONLY, actions=action_fn):
+        return dydiff_rollout(bundle, s0, actions, horizon, iterations, filter=none, refine=refine,
                               sampler=setup.sampler, generator=torch.Generator().manual_seed(seed))
 
     single, sampled = rollout(0), rollout(1)
     averaged = rollout(1, dataclasses.replace(SAMPLE_ONLY, num_samples=num_samples))
+    # both models given the actions the simulator took (no drift in them): the learning policy after the end
+    taken = setup.truths[regime].actions
+    simulator_actions = fidelity.RecordedActions(np.nan_to_num(taken), ~np.isnan(taken[..., 0]), setup.policy)
+    open_loop = {name: torch.cat([r.obs, r.next_obs[:, -1:]], 1)
+                 for name, r in (("ensemble", rollout(0, actions=simulator_actions)),
+                                 ("diffusion", rollout(1, actions=simulator_actions)))}
     states = torch.cat([single.obs, single.next_obs[:, -1:]], 1)
     sample = torch.cat([sampled.obs, sampled.next_obs[:, -1:]], 1)
     sample_mean = torch.cat([averaged.obs, averaged.next_obs[:, -1:]], 1)
@@ -91,6 +99,8 @@ def calibrate(setup: fidelity.Setup, regime: str, seed: int, num_samples: int = 
                    f"diffusion_mean_of_{num_samples}_mse": float(mean_error[at, h].mean()),
                    "error_correlation": error_correlation(ensemble_offset[at, h], sample_offset[at, h]),
                    "best_fixed_blend_mse": blend_error, "best_fixed_blend_weight": blend_weight,
+                   **{f"{name}_given_simulator_actions_mse": float((((x - truth) / std) ** 2).mean(-1)[at, h].mean())
+                      for name, x in open_loop.items()},
                    "ensemble_variance": float(variance[at, h].mean()),
                    "gap": float(gap[at, h].mean())}
     probe = gap[:, 1 : PROBE_STEPS + 1].mean(1).numpy()
@@ -133,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"mean of {args.samples} {row[f'diffusion_mean_of_{args.samples}_mse']:.4f}  "
                   f"error correlation {row['error_correlation']:+.2f}  "
                   f"best blend {row['best_fixed_blend_mse']:.4f} (w {row['best_fixed_blend_weight']:.2f})  "
+                  f"given the simulator's actions: ensemble {row['ensemble_given_simulator_actions_mse']:.4f} "
+                  f"diffusion {row['diffusion_given_simulator_actions_mse']:.4f}  "
                   f"ensemble variance {row['ensemble_variance']:.4f}  gap {row['gap']:.4f}")
     if args.json:
         record = {"policy": args.policy, "bundle": str(setup.bundle_path),

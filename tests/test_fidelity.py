@@ -381,4 +381,7 @@ def test_calibration_benchmark_on_the_tiny_bundle(tiny_bundle, tiny_dataset, tmp
         # weights 0 and 1 are among the blends tried: the best is never worse than either model alone
         assert all(row["best_fixed_blend_mse"] <= min(row["ensemble_mse"], row["diffusion_mean_of_2_mse"]) + 1e-6
                    for row in rows.values())
+    # teacher-forced, the simulator took the recorded actions: the ensemble's open-loop rollout is the same one
+    for row in results["teacher-forced"]["horizons"].values():
+        assert row["ensemble_given_simulator_actions_mse"] == pytest.approx(row["ensemble_mse"], rel=1e-5, abs=1e-9)
     assert "mean of 2" in capsys.readouterr().out
