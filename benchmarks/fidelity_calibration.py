@@ -67,17 +67,18 @@ def calibrate(setup: fidelity.Setup, regime: str, seed: int, num_samples: int = 
         return dydiff_rollout(bundle, s0, actions, horizon, iterations, filter=none, refine=refine,
                               sampler=setup.sampler, generator=torch.Generator().manual_seed(seed))
 
-    single, sampled = rollout(0), rollout(1)
-    averaged = rollout(1, dataclasses.replace(SAMPLE_ONLY, num_samples=num_samples))
+    def states_of(result) -> torch.Tensor:
+        """A rollout's states s_0 .. s_H (B, H + 1, obs)."""
+        return torch.cat([result.obs, result.next_obs[:, -1:]], 1)
+
+    single = rollout(0)
+    states, sample = states_of(single), states_of(rollout(1))
+    sample_mean = states_of(rollout(1, dataclasses.replace(SAMPLE_ONLY, num_samples=num_samples)))
     # both models given the actions the simulator took (no drift in them): the learning policy after the end
     taken = setup.truths[regime].actions
     simulator_actions = fidelity.RecordedActions(np.nan_to_num(taken), ~np.isnan(taken[..., 0]), setup.policy)
-    open_loop = {name: torch.cat([r.obs, r.next_obs[:, -1:]], 1)
-                 for name, r in (("ensemble", rollout(0, actions=simulator_actions)),
-                                 ("diffusion", rollout(1, actions=simulator_actions)))}
-    states = torch.cat([single.obs, single.next_obs[:, -1:]], 1)
-    sample = torch.cat([sampled.obs, sampled.next_obs[:, -1:]], 1)
-    sample_mean = torch.cat([averaged.obs, averaged.next_obs[:, -1:]], 1)
+    open_loop_error = {name: (((states_of(rollout(iterations, actions=simulator_actions)) - truth) / std) ** 2)
+                       .mean(-1) for name, iterations in (("ensemble", 0), ("diffusion", 1))}
     spread = [torch.zeros(len(s0))]
     for t in range(horizon):  # the same running variance v as the rollout's uncertainty blend
         means, _ = bundle.dynamics.member_predictions(single.obs[:, t], single.actions[:, t])
@@ -99,8 +100,8 @@ def calibrate(setup: fidelity.Setup, regime: str, seed: int, num_samples: int = 
                    f"diffusion_mean_of_{num_samples}_mse": float(mean_error[at, h].mean()),
                    "error_correlation": error_correlation(ensemble_offset[at, h], sample_offset[at, h]),
                    "best_fixed_blend_mse": blend_error, "best_fixed_blend_weight": blend_weight,
-                   **{f"{name}_given_simulator_actions_mse": float((((x - truth) / std) ** 2).mean(-1)[at, h].mean())
-                      for name, x in open_loop.items()},
+                   **{f"{name}_given_simulator_actions_mse": float(error[at, h].mean())
+                      for name, error in open_loop_error.items()},
                    "ensemble_variance": float(variance[at, h].mean()),
                    "gap": float(gap[at, h].mean())}
     probe = gap[:, 1 : PROBE_STEPS + 1].mean(1).numpy()
